@@ -1,0 +1,3 @@
+from piccolofs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Encrypted file contents on a backing fd: read, write (read-modify-write) and truncate.
+
+Invariants (see docs/concurrency.md): each method runs to completion without yielding to the
+event loop, so one FUSE request's block updates are never interleaved with another's; the
+cached file ID is per inode and reset whenever the header is removed (truncate to 0).
+"""
+
+from __future__ import annotations
+
+import os
+
+from piccolofs.format.content import (
+    HEADER_LEN,
+    PLAIN_BLOCK,
+    BlockCodec,
+    new_header,
+    parse_header,
+)
+from piccolofs.format.errors import CorruptHeader
+
+
+class CryptFile:
+    """Content state of one inode, shared by all its open handles."""
+
+    __slots__ = ("codec", "file_id", "layout")
+
+    def __init__(self, codec: BlockCodec) -> None:
+        self.codec = codec
+        self.layout = codec.layout
+        self.file_id: bytes | None = None
+
+    # -- header --------------------------------------------------------------------------
+    def _read_id(self, fd: int) -> bytes:
+        if self.file_id is None:
+            header = os.pread(fd, HEADER_LEN, 0)
+            if len(header) < HEADER_LEN:
+                raise CorruptHeader(f"header truncated to {len(header)} bytes")
+            self.file_id = parse_header(header)
+        return self.file_id
+
+    def _ensure_header(self, fd: int, cipher_size: int) -> bytes:
+        """The file ID, writing a fresh header into an empty backing file."""
+        if cipher_size == 0:
+            header = new_header()
+            os.pwrite(fd, header, 0)
+            self.file_id = header[2:]
+            return self.file_id
+        return self._read_id(fd)
+
+    def forget_id(self) -> None:
+        self.file_id = None
+
+    # -- sizes ---------------------------------------------------------------------------
+    def plain_size(self, fd: int) -> int:
+        return self.layout.plain_size(os.fstat(fd).st_size)
+
+    # -- blocks --------------------------------------------------------------------------
+    def _read_blocks(self, fd: int, first: int, last: int, cipher_size: int) -> bytes:
+        """Plaintext of blocks first..last (the last may be short). Raises on a bad tag."""
+        lay = self.layout
+        start = lay.block_offset(first)
+        end = min(lay.block_offset(last + 1), cipher_size)
+        if end <= start:
+            return b""
+        ct = os.pread(fd, end - start, start)
+        return self.codec.open_run(first, self._read_id(fd), ct)
+
+    def _old_block(self, fd: int, block: int, plain_size: int, cipher_size: int) -> bytes:
+        if block * PLAIN_BLOCK >= plain_size:
+            return b""
+        return self._read_blocks(fd, block, block, cipher_size)
+
+    # -- operations ----------------------------------------------------------------------
+    def read(self, fd: int, plain_off: int, size: int) -> bytes:
+        cipher_size = os.fstat(fd).st_size
+        plain_size = self.layout.plain_size(cipher_size)
+        if size <= 0 or plain_off >= plain_size:
+            return b""
+        size = min(size, plain_size - plain_off)
+        first, last = self.layout.block_range(plain_off, size)
+        data = self._read_blocks(fd, first, last, cipher_size)
+        skip = plain_off - first * PLAIN_BLOCK
+        return data[skip : skip + size]
+
+    def write(self, fd: int, plain_off: int, data: bytes) -> int:
+        if not data:
+            return 0
+        lay = self.layout
+        cipher_size = os.fstat(fd).st_size
+        plain_size = lay.plain_size(cipher_size)
+        end = plain_off + len(data)
+        first, last = lay.block_range(plain_off, len(data))
+        file_id = self._ensure_header(fd, cipher_size)
+        if cipher_size == 0:
+            cipher_size = HEADER_LEN
+
+        # Writing past the old last block: complete that block with encrypted zeros first,
+        # so every block before the new data is either full or a hole.
+        if plain_size % PLAIN_BLOCK and first * PLAIN_BLOCK > plain_size:
+            self._pad_last_block(fd, file_id, plain_size, cipher_size)
+
+        start = first * PLAIN_BLOCK
+        block_end = min((last + 1) * PLAIN_BLOCK, plain_size)
+        old: dict[int, bytes] = {}
+
+        def old_block(block: int) -> bytes:
+            if block not in old:
+                old[block] = self._old_block(fd, block, plain_size, cipher_size)
+            return old[block]
+
+        head = b""
+        if plain_off > start:
+            head = old_block(first)[: plain_off - start].ljust(plain_off - start, b"\0")
+        tail = b""
+        if end < block_end:
+            base = last * PLAIN_BLOCK
+            tail = old_block(last)[end - base : block_end - base]
+        sealed = self.codec.seal_run(first, file_id, head + bytes(data) + tail)
+        os.pwrite(fd, sealed, lay.block_offset(first))
+        return len(data)
+
+    def _pad_last_block(self, fd: int, file_id: bytes, plain_size: int,
+                        cipher_size: int, upto: int = PLAIN_BLOCK) -> None:
+        last = (plain_size - 1) // PLAIN_BLOCK
+        old = self._read_blocks(fd, last, last, cipher_size)
+        padded = old.ljust(upto, b"\0")
+        os.pwrite(fd, self.codec.seal(last, file_id, padded), self.layout.block_offset(last))
+
+    def truncate(self, fd: int, new_size: int) -> None:
+        lay = self.layout
+        cipher_size = os.fstat(fd).st_size
+        plain_size = lay.plain_size(cipher_size)
+        if new_size == plain_size and not lay.has_fragment(cipher_size):
+            return
+        if lay.has_fragment(cipher_size):
+            cipher_size = lay.cipher_size(plain_size)
+            os.ftruncate(fd, cipher_size)
+        if new_size == 0:
+            os.ftruncate(fd, 0)
+            self.file_id = None
+            return
+        file_id = self._ensure_header(fd, cipher_size)
+        if cipher_size == 0:
+            cipher_size = HEADER_LEN
+        if new_size < plain_size:
+            last = (new_size - 1) // PLAIN_BLOCK
+            keep = new_size - last * PLAIN_BLOCK
+            if keep < PLAIN_BLOCK:
+                old = self._read_blocks(fd, last, last, cipher_size)
+                os.ftruncate(fd, lay.block_offset(last))
+                os.pwrite(fd, self.codec.seal(last, file_id, old[:keep]), lay.block_offset(last))
+            else:
+                os.ftruncate(fd, lay.cipher_size(new_size))
+            return
+        # Growing.
+        if plain_size % PLAIN_BLOCK:
+            last = (plain_size - 1) // PLAIN_BLOCK
+            upto = min(PLAIN_BLOCK, new_size - last * PLAIN_BLOCK)
+            self._pad_last_block(fd, file_id, plain_size, cipher_size, upto)
+            if new_size <= (last + 1) * PLAIN_BLOCK:
+                return
+        if new_size % PLAIN_BLOCK == 0:
+            os.ftruncate(fd, lay.block_offset(new_size // PLAIN_BLOCK))
+        else:
+            last = new_size // PLAIN_BLOCK
+            os.ftruncate(fd, lay.block_offset(last))
+            zeros = bytes(new_size - last * PLAIN_BLOCK)
+            os.pwrite(fd, self.codec.seal(last, file_id, zeros), lay.block_offset(last))

@@ -1,0 +1,112 @@
+"""The three content AEADs and their on-disk block layouts.
+
+    AES-256-GCM         nonce(16) | ciphertext(n) | tag(16)
+    AES-SIV-512         nonce(16) | siv(16)       | ciphertext(n)     (tag *before* the data)
+    XChaCha20-Poly1305  nonce(24) | ciphertext(n) | tag(16)
+
+The same sealing is used for content blocks, symlink targets, xattr values and the
+master-key wrap; only the associated data differs. A block whose nonce is all zero is refused
+(gocryptfs does the same) so that a zeroed region can never pass as data.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import nacl.bindings
+import nacl.exceptions
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+
+from piccolofs.format.errors import AuthenticationError
+
+TAG_LEN = 16
+
+
+class ContentCipher(Protocol):
+    name: str
+    nonce_len: int
+    overhead: int
+
+    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+        """Return the sealed unit: nonce, tag and ciphertext in this cipher's layout."""
+        ...
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        """Return the plaintext or raise AuthenticationError; never partial output."""
+        ...
+
+
+def _check_sealed(sealed: bytes, nonce_len: int) -> None:
+    if len(sealed) <= nonce_len + TAG_LEN:
+        raise AuthenticationError("sealed unit too short")
+    if not any(sealed[:nonce_len]):
+        raise AuthenticationError("all-zero nonce")
+
+
+class AesGcm:
+    name = "AES-256-GCM"
+    nonce_len = 16
+    overhead = 16 + TAG_LEN
+
+    def __init__(self, key: bytes, nonce_len: int = 16) -> None:
+        self._aead = AESGCM(key)
+        self.nonce_len = nonce_len
+        self.overhead = nonce_len + TAG_LEN
+
+    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+        nonce = os.urandom(self.nonce_len) if nonce is None else nonce
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        _check_sealed(sealed, self.nonce_len)
+        n = self.nonce_len
+        try:
+            return self._aead.decrypt(sealed[:n], sealed[n:], aad)
+        except InvalidTag:
+            raise AuthenticationError("AES-GCM tag mismatch") from None
+
+
+class AesSiv:
+    name = "AES-SIV-512"
+    nonce_len = 16
+    overhead = 16 + TAG_LEN
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESSIV(key)
+
+    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+        nonce = os.urandom(16) if nonce is None else nonce
+        return nonce + self._aead.encrypt(plaintext, [aad, nonce])
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        _check_sealed(sealed, 16)
+        try:
+            return self._aead.decrypt(sealed[16:], [aad, sealed[:16]])
+        except InvalidTag:
+            raise AuthenticationError("AES-SIV tag mismatch") from None
+
+
+class XChaCha20Poly1305:
+    name = "XChaCha20-Poly1305"
+    nonce_len = 24
+    overhead = 24 + TAG_LEN
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+        nonce = os.urandom(24) if nonce is None else nonce
+        return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            plaintext, aad, nonce, self._key
+        )
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        _check_sealed(sealed, 24)
+        try:
+            return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                sealed[24:], aad, sealed[:24], self._key
+            )
+        except nacl.exceptions.CryptoError:
+            raise AuthenticationError("XChaCha20-Poly1305 tag mismatch") from None

@@ -1,0 +1,1 @@
+"""The FUSE operations: the only package (with piccolofs.mount) that imports pyfuse3."""

@@ -1,0 +1,769 @@
+"""pyfuse3 Operations for one encrypted tree.
+
+Every handler is wrapped by `fuse_op` (errno mapping) and, where it mutates, checks the
+read-only gate first. Handlers do their backing I/O inline: each runs to completion on the
+event loop without yielding, which makes one request's read-modify-write atomic with
+respect to every other request. Only fsync, whose latency is the disk's, goes to a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+import trio
+
+from piccolofs.backing import dirs, syscalls
+from piccolofs.format.content import BlockAuthError
+from piccolofs.format.errors import CorruptHeader, FormatError
+from piccolofs.format.names import (
+    CONF_NAME,
+    DIRIV_NAME,
+    NAME_MAX,
+    RMDIR_ARTIFACT_PREFIX,
+    ZERO_IV,
+    BackingName,
+)
+from piccolofs.format.volume import VolumeCrypto
+from piccolofs.fs.errors import Counters, fail, fuse_op
+from piccolofs.fs.inodes import ROOT, Inode, InodeTable
+
+log = logging.getLogger("piccolofs.fs")
+
+ACL_XATTRS = frozenset({"system.posix_acl_access", "system.posix_acl_default"})
+CAPABILITY_XATTR = "security.capability"
+XATTR_NAME_MAX = 255
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+_PASS_FLAGS = os.O_SYNC | os.O_DSYNC
+
+
+@dataclass(slots=True, eq=False)
+class FileHandle:
+    ino: Inode
+    fd: int
+    append: bool
+    writable: bool
+
+
+@dataclass(slots=True, eq=False)
+class DirHandle:
+    ino: Inode
+    entries: list[dirs.Entry] | None = None
+
+
+IntegrityReporter = Callable[[dict[str, Any]], None]
+
+
+class PiccoloOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        volume: VolumeCrypto,
+        root_fd: int,
+        *,
+        read_only: bool = False,
+        timeout: float = 1.0,
+        report: IntegrityReporter | None = None,
+    ) -> None:
+        super().__init__()
+        self.volume = volume
+        self.names = volume.names
+        self.read_only = read_only
+        self.timeout = timeout
+        self.inodes = InodeTable(root_fd, volume.blocks)
+        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._next_fh = 1
+        self._report = report or (lambda event: None)
+        self._as_root = os.geteuid() == 0
+        self.counters = Counters
+
+    # ---------------------------------------------------------------------------------
+    # gate, lookup helpers
+    # ---------------------------------------------------------------------------------
+    def set_read_only(self, read_only: bool) -> None:
+        """Flip the gate live; mutations already running finish, new ones see EROFS."""
+        self.read_only = read_only
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise fail(errno.EROFS)
+
+    def _inode(self, node: int) -> Inode:
+        ino = self.inodes.get(node)
+        if ino is None:
+            raise fail(errno.ESTALE)
+        return ino
+
+    def _dir(self, node: int) -> Inode:
+        ino = self._inode(node)
+        if not ino.is_dir:
+            raise fail(errno.ENOTDIR)
+        return ino
+
+    def _diriv(self, ino: Inode) -> bytes:
+        if not self.volume.dir_iv:
+            return ZERO_IV
+        if ino.diriv is None:
+            ino.diriv = dirs.read_diriv(ino.fd)
+        return ino.diriv
+
+    def _bname(self, parent: Inode, name: bytes, creating: bool = False) -> BackingName:
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        if self.names.plaintext_names and parent.node == ROOT and name == CONF_NAME:
+            raise fail(errno.EPERM if creating else errno.ENOENT)
+        return self.names.backing_name(self._diriv(parent), name)
+
+    def _new_id(self, obj: FileHandle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = obj
+        return fh
+
+    def _file(self, fh: int) -> FileHandle:
+        h = self._handles.get(fh)
+        if not isinstance(h, FileHandle):
+            raise fail(errno.EBADF)
+        return h
+
+    # ---------------------------------------------------------------------------------
+    # attributes
+    # ---------------------------------------------------------------------------------
+    def _symlink_len(self, ino: Inode) -> int:
+        if ino.symlink_len is None:
+            ino.symlink_len = len(self.volume.open_symlink(os.readlink(b"", dir_fd=ino.fd)))
+        return ino.symlink_len
+
+    def _attr(self, ino: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino.node
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        if stat.S_ISREG(st.st_mode):
+            a.st_size = self.volume.blocks.layout.plain_size(st.st_size)
+        elif stat.S_ISLNK(st.st_mode):
+            try:
+                a.st_size = self._symlink_len(ino)
+            except FormatError:
+                a.st_size = st.st_size
+        else:
+            a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _lookup_backing(self, parent: Inode, backing: bytes) -> pyfuse3.EntryAttributes:
+        """Pin the backing entry and count one lookup for it."""
+        fd = syscalls.open_path(parent.fd, backing)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        ino = self.inodes.remember(fd, st)
+        return self._attr(ino, st)
+
+    def _owner(self, parent: Inode, ctx: pyfuse3.RequestContext) -> tuple[int, int] | None:
+        """Owner for a new entry: the caller, group per the parent's set-gid bit."""
+        if not self._as_root:
+            return None
+        gid = ctx.gid
+        pst = os.fstat(parent.fd)
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+        return ctx.uid, gid
+
+    def _chown_new(self, fd: int, owner: tuple[int, int] | None) -> None:
+        if owner is not None:
+            syscalls.fchown_empty(fd, *owner)
+
+    # ---------------------------------------------------------------------------------
+    # lookups and attributes
+    # ---------------------------------------------------------------------------------
+    @fuse_op
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        bn = self._bname(parent, name)
+        try:
+            return self._lookup_backing(parent, bn.name)
+        except FileNotFoundError:
+            raise fail(errno.ENOENT) from None
+
+    @fuse_op
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for node, count in inode_list:
+            self.inodes.forget(node, count)
+
+    @fuse_op
+    async def getattr(self, inode: int,
+                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        ino = self._inode(inode)
+        return self._attr(ino, os.fstat(ino.fd))
+
+    @fuse_op
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable()
+        ino = self._inode(inode)
+        if fields.update_size:
+            if ino.is_dir:
+                raise fail(errno.EISDIR)
+            if not ino.is_reg or ino.cfile is None:
+                raise fail(errno.EINVAL)
+            handle = self._handles.get(fh) if fh is not None else None
+            if isinstance(handle, FileHandle) and handle.writable:
+                ino.cfile.truncate(handle.fd, attr.st_size)
+            else:
+                fd = syscalls.reopen(ino.fd, os.O_RDWR)
+                try:
+                    ino.cfile.truncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
+        if fields.update_mode:
+            if ino.is_symlink:
+                raise fail(errno.EOPNOTSUPP)
+            os.chmod(syscalls.proc_path(ino.fd), stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            syscalls.fchown_empty(
+                ino.fd,
+                attr.st_uid if fields.update_uid else -1,
+                attr.st_gid if fields.update_gid else -1,
+            )
+        if fields.update_atime or fields.update_mtime:
+            syscalls.utimens_empty(
+                ino.fd,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
+            )
+        return self._attr(ino, os.fstat(ino.fd))
+
+    @fuse_op
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        ino = self._inode(inode)
+        if not ino.is_symlink:
+            raise fail(errno.EINVAL)
+        target = self.volume.open_symlink(os.readlink(b"", dir_fd=ino.fd))
+        ino.symlink_len = len(target)
+        return target
+
+    # ---------------------------------------------------------------------------------
+    # creating entries
+    # ---------------------------------------------------------------------------------
+    def _create_entry(self, parent: Inode, name: bytes,
+                      make: Callable[[BackingName], None]) -> BackingName:
+        """Write a long name's companion, run `make`, and undo the companion on failure."""
+        self._writable()
+        bn = self._bname(parent, name, creating=True)
+        dirs.write_companion(parent.fd, bn)
+        try:
+            make(bn)
+        except BaseException:
+            if bn.companion is not None:
+                try:
+                    os.lstat(bn.name, dir_fd=parent.fd)
+                except FileNotFoundError:
+                    dirs.remove_companion(parent.fd, bn)
+            raise
+        return bn
+
+    @fuse_op
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        owner = self._owner(parent, ctx)
+
+        def make(bn: BackingName) -> None:
+            os.mknod(bn.name, mode, rdev, dir_fd=parent.fd)
+
+        bn = self._create_entry(parent, name, make)
+        attr = self._lookup_backing(parent, bn.name)
+        ino = self._inode(attr.st_ino)
+        self._chown_new(ino.fd, owner)
+        return self._attr(ino, os.fstat(ino.fd))
+
+    @fuse_op
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        owner = self._owner(parent, ctx)
+        want = stat.S_IMODE(mode)
+
+        def make(bn: BackingName) -> None:
+            os.mkdir(bn.name, want | 0o700, dir_fd=parent.fd)
+            if self.volume.dir_iv:
+                try:
+                    fd = syscalls.open_path(parent.fd, bn.name)
+                    try:
+                        dirs.write_diriv(fd)
+                    finally:
+                        os.close(fd)
+                except BaseException:
+                    os.rmdir(bn.name, dir_fd=parent.fd)
+                    raise
+
+        bn = self._create_entry(parent, name, make)
+        attr = self._lookup_backing(parent, bn.name)
+        ino = self._inode(attr.st_ino)
+        path = syscalls.proc_path(ino.fd)
+        inherited = os.fstat(ino.fd).st_mode & stat.S_ISGID
+        os.chmod(path, want | inherited)
+        self._chown_new(ino.fd, owner)
+        return self._attr(ino, os.fstat(ino.fd))
+
+    @fuse_op
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        owner = self._owner(parent, ctx)
+        stored = self.volume.seal_symlink(target)
+
+        def make(bn: BackingName) -> None:
+            os.symlink(stored, bn.name, dir_fd=parent.fd)
+
+        bn = self._create_entry(parent, name, make)
+        attr = self._lookup_backing(parent, bn.name)
+        ino = self._inode(attr.st_ino)
+        ino.symlink_len = len(target)
+        self._chown_new(ino.fd, owner)
+        return self._attr(ino, os.fstat(ino.fd))
+
+    @fuse_op
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ino = self._inode(inode)
+        parent = self._dir(new_parent_inode)
+        if ino.is_dir:
+            raise fail(errno.EPERM)
+
+        def make(bn: BackingName) -> None:
+            syscalls.linkat(ino.fd, parent.fd, bn.name)
+
+        self._create_entry(parent, new_name, make)
+        self.inodes.add_lookup(ino)
+        return self._attr(ino, os.fstat(ino.fd))
+
+    @fuse_op
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._dir(parent_inode)
+        owner = self._owner(parent, ctx)
+        excl = os.O_EXCL if flags & os.O_EXCL else 0
+        fds: list[int] = []
+
+        def make(bn: BackingName) -> None:
+            fd = os.open(bn.name, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | excl
+                         | (flags & _PASS_FLAGS), stat.S_IMODE(mode), dir_fd=parent.fd)
+            fds.append(fd)
+
+        bn = self._create_entry(parent, name, make)
+        fd = fds[0]
+        try:
+            attr = self._lookup_backing(parent, bn.name)
+            ino = self._inode(attr.st_ino)
+            self._chown_new(ino.fd, owner)
+            if flags & os.O_TRUNC and ino.cfile is not None:
+                ino.cfile.truncate(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        ino.open_handles += 1
+        fh = self._new_id(FileHandle(ino, fd, bool(flags & os.O_APPEND), True))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, os.fstat(ino.fd))
+
+    # ---------------------------------------------------------------------------------
+    # removing and renaming
+    # ---------------------------------------------------------------------------------
+    @fuse_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        parent = self._dir(parent_inode)
+        bn = self._bname(parent, name)
+        os.unlink(bn.name, dir_fd=parent.fd)
+        dirs.remove_companion(parent.fd, bn)
+
+    def _plain_empty(self, dir_fd: int) -> list[bytes]:
+        """Hidden metadata of a directory, or ENOTEMPTY if it holds any real entry."""
+        hidden = []
+        for name in os.listdir(dir_fd):
+            raw = os.fsencode(name)
+            if raw == DIRIV_NAME:
+                continue
+            if self.names.plaintext_names or not self.names.is_hidden(raw, in_root=False):
+                raise fail(errno.ENOTEMPTY)
+            hidden.append(raw)
+        return hidden
+
+    def _set_diriv_aside(self, parent_fd: int, dir_backing: bytes) -> tuple[int, bytes] | None:
+        """Make an (empty) directory removable by moving its IV into the parent.
+
+        Returns (dir fd, artifact name) so the caller can restore it if the next step fails.
+        A crash leaves `gocryptfs.diriv.rmdir.<n>` in the parent, which readers skip.
+        """
+        dfd = os.open(dir_backing, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=parent_fd)
+        try:
+            for junk in self._plain_empty(dfd):
+                os.unlink(junk, dir_fd=dfd)
+            if not self.volume.dir_iv:
+                os.close(dfd)
+                return None
+            artifact = RMDIR_ARTIFACT_PREFIX + str(int.from_bytes(os.urandom(8), "big")).encode()
+            os.rename(DIRIV_NAME, artifact, src_dir_fd=dfd, dst_dir_fd=parent_fd)
+        except BaseException:
+            os.close(dfd)
+            raise
+        return dfd, artifact
+
+    def _restore_diriv(self, parent_fd: int, aside: tuple[int, bytes] | None) -> None:
+        if aside is not None:
+            dfd, artifact = aside
+            try:
+                os.rename(artifact, DIRIV_NAME, src_dir_fd=parent_fd, dst_dir_fd=dfd)
+            finally:
+                os.close(dfd)
+
+    def _drop_diriv(self, parent_fd: int, aside: tuple[int, bytes] | None) -> None:
+        if aside is not None:
+            dfd, artifact = aside
+            os.close(dfd)
+            os.unlink(artifact, dir_fd=parent_fd)
+
+    @fuse_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        parent = self._dir(parent_inode)
+        bn = self._bname(parent, name)
+        st = os.lstat(bn.name, dir_fd=parent.fd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise fail(errno.ENOTDIR)
+        aside = self._set_diriv_aside(parent.fd, bn.name)
+        try:
+            os.rmdir(bn.name, dir_fd=parent.fd)
+        except BaseException:
+            self._restore_diriv(parent.fd, aside)
+            raise
+        self._drop_diriv(parent.fd, aside)
+        dirs.remove_companion(parent.fd, bn)
+
+    @fuse_op
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        old_parent = self._dir(parent_inode_old)
+        new_parent = self._dir(parent_inode_new)
+        old = self._bname(old_parent, name_old)
+        new = self._bname(new_parent, name_new, creating=True)
+        if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE):
+            raise fail(errno.EINVAL)
+        if old_parent is new_parent and old.name == new.name:
+            os.lstat(old.name, dir_fd=old_parent.fd)
+            return
+        if flags & syscalls.RENAME_EXCHANGE:
+            syscalls.renameat2(old_parent.fd, old.name, new_parent.fd, new.name, flags)
+            return
+        companion_existed = new.companion is not None and _exists(new_parent.fd, new.companion)
+        dirs.write_companion(new_parent.fd, new)
+        try:
+            self._rename_entry(old_parent, old, new_parent, new, flags)
+        except BaseException:
+            if new.companion is not None and not companion_existed:
+                dirs.remove_companion(new_parent.fd, new)
+            raise
+        if old.companion is not None and not _exists(old_parent.fd, old.name):
+            dirs.remove_companion(old_parent.fd, old)
+
+    def _rename_entry(self, old_parent: Inode, old: BackingName, new_parent: Inode,
+                      new: BackingName, flags: int) -> None:
+        try:
+            syscalls.renameat2(old_parent.fd, old.name, new_parent.fd, new.name, flags)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or flags:
+                raise
+        # The target is a directory that only looks non-empty because of its IV.
+        src = os.lstat(old.name, dir_fd=old_parent.fd)
+        if not stat.S_ISDIR(src.st_mode):
+            raise fail(errno.EISDIR)
+        aside = self._set_diriv_aside(new_parent.fd, new.name)
+        try:
+            syscalls.renameat2(old_parent.fd, old.name, new_parent.fd, new.name, 0)
+        except BaseException:
+            self._restore_diriv(new_parent.fd, aside)
+            raise
+        self._drop_diriv(new_parent.fd, aside)
+
+    # ---------------------------------------------------------------------------------
+    # file I/O
+    # ---------------------------------------------------------------------------------
+    @fuse_op
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        ino = self._inode(inode)
+        if not ino.is_reg or ino.cfile is None:
+            raise fail(errno.EISDIR if ino.is_dir else errno.EINVAL)
+        writable = bool(flags & _WRITE_FLAGS)
+        if writable or flags & os.O_TRUNC:
+            self._writable()
+        fd = syscalls.reopen(ino.fd, (os.O_RDWR if writable else os.O_RDONLY)
+                             | (flags & _PASS_FLAGS))
+        try:
+            if flags & os.O_TRUNC:
+                tfd = fd if writable else syscalls.reopen(ino.fd, os.O_RDWR)
+                try:
+                    ino.cfile.truncate(tfd, 0)
+                finally:
+                    if tfd != fd:
+                        os.close(tfd)
+        except BaseException:
+            os.close(fd)
+            raise
+        ino.open_handles += 1
+        fh = self._new_id(FileHandle(ino, fd, bool(flags & os.O_APPEND), writable))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @fuse_op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._file(fh)
+        assert h.ino.cfile is not None
+        try:
+            return h.ino.cfile.read(h.fd, off, size)
+        except BlockAuthError as exc:
+            self._integrity(h.ino, exc.block_no, str(exc))
+            raise
+        except CorruptHeader as exc:
+            self._integrity(h.ino, None, str(exc))
+            raise
+
+    def _integrity(self, ino: Inode, block: int | None, reason: str) -> None:
+        """One warning naming inode and block; never bytes or names."""
+        Counters.integrity_errors += 1
+        where = "header" if block is None else f"block {block}"
+        log.warning("integrity: inode %d %s failed authentication (%s)", ino.node, where,
+                    reason)
+        self._report({"event": "integrity", "inode": ino.node, "block": block})
+
+    @fuse_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._writable()
+        h = self._file(fh)
+        if not h.writable:
+            raise fail(errno.EBADF)
+        cfile = h.ino.cfile
+        assert cfile is not None
+        if h.append:
+            off = cfile.plain_size(h.fd)
+        try:
+            return cfile.write(h.fd, off, buf)
+        except BlockAuthError as exc:
+            self._integrity(h.ino, exc.block_no, str(exc))
+            raise
+
+    @fuse_op
+    async def flush(self, fh: int) -> None:
+        self._file(fh)
+
+    @fuse_op
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if isinstance(h, FileHandle):
+            os.close(h.fd)
+            self.inodes.release_handle(h.ino)
+
+    @fuse_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._file(fh)
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+
+    # ---------------------------------------------------------------------------------
+    # directories
+    # ---------------------------------------------------------------------------------
+    @fuse_op
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        ino = self._dir(inode)
+        ino.open_handles += 1
+        return self._new_id(DirHandle(ino))
+
+    @fuse_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self._handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise fail(errno.EBADF)
+        dir_ino = h.ino
+        if h.entries is None or start_id == 0:
+            dfd = syscalls.open_dir(dir_ino.fd)
+            try:
+                h.entries = list(dirs.list_entries(self.names, dfd, self._diriv(dir_ino),
+                                                   dir_ino.node == ROOT))
+            finally:
+                os.close(dfd)
+        entries = h.entries
+        for i in range(start_id, len(entries)):
+            entry = entries[i]
+            try:
+                st = os.stat(entry.backing, dir_fd=dir_ino.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            node = self.inodes.node_for(st)
+            known = self.inodes.get(node)
+            fd = None
+            if known is None:
+                try:
+                    fd = syscalls.open_path(dir_ino.fd, entry.backing)
+                    st = os.fstat(fd)
+                except FileNotFoundError:
+                    if fd is not None:
+                        os.close(fd)
+                    continue
+                known = self.inodes.remember(fd, st, count=0)
+            attr = self._attr(known, st)
+            if not pyfuse3.readdir_reply(token, entry.plain, attr, i + 1):
+                if known.lookups <= 0:
+                    self.inodes.forget(known.node, 0)
+                return
+            known.lookups += 1
+
+    @fuse_op
+    async def releasedir(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if isinstance(h, DirHandle):
+            self.inodes.release_handle(h.ino)
+
+    @fuse_op
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        h = self._handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise fail(errno.EBADF)
+        dfd = syscalls.open_dir(h.ino.fd)
+        try:
+            await trio.to_thread.run_sync(os.fsync, dfd)
+        finally:
+            os.close(dfd)
+
+    @fuse_op
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        root = self._inode(ROOT)
+        sv = os.statvfs(syscalls.proc_path(root.fd))
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail"):
+            setattr(out, field, getattr(sv, field))
+        out.f_namemax = NAME_MAX if not self.names.plaintext_names else sv.f_namemax
+        return out
+
+    # ---------------------------------------------------------------------------------
+    # extended attributes
+    # ---------------------------------------------------------------------------------
+    def _xattr_name(self, name: bytes) -> str:
+        plain = name.decode("utf-8", "surrogateescape")
+        if plain in ACL_XATTRS:
+            return plain
+        enc = self.names.encrypt_xattr_name(plain)
+        if len(enc) > XATTR_NAME_MAX:
+            raise fail(errno.ERANGE)
+        return enc
+
+    def _xattr_target(self, ino: Inode) -> str:
+        if ino.is_symlink:
+            raise fail(errno.EPERM)
+        return syscalls.proc_path(ino.fd)
+
+    @fuse_op
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        ino = self._inode(inode)
+        if name.decode("utf-8", "surrogateescape") == CAPABILITY_XATTR:
+            raise fail(errno.EOPNOTSUPP)
+        enc = self._xattr_name(name)
+        stored = value if enc in ACL_XATTRS else self.volume.seal_xattr(value)
+        os.setxattr(self._xattr_target(ino), enc, stored)
+
+    @fuse_op
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        ino = self._inode(inode)
+        if name.decode("utf-8", "surrogateescape") == CAPABILITY_XATTR or ino.is_symlink:
+            raise fail(pyfuse3.ENOATTR)
+        enc = self._xattr_name(name)
+        try:
+            stored = os.getxattr(self._xattr_target(ino), enc)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise fail(pyfuse3.ENOATTR) from None
+            raise
+        if enc in ACL_XATTRS:
+            return stored
+        try:
+            return self.volume.open_xattr(stored)
+        except FormatError:
+            Counters.integrity_errors += 1
+            log.warning("integrity: inode %d xattr value failed authentication", ino.node)
+            self._report({"event": "integrity", "inode": ino.node, "block": None,
+                          "what": "xattr"})
+            raise
+
+    @fuse_op
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        ino = self._inode(inode)
+        if ino.is_symlink:
+            return []
+        out = []
+        for name in os.listxattr(self._xattr_target(ino)):
+            if name in ACL_XATTRS:
+                out.append(name.encode())
+                continue
+            try:
+                out.append(self.names.decrypt_xattr_name(name).encode("utf-8",
+                                                                      "surrogateescape"))
+            except FormatError:
+                continue
+        return out
+
+    @fuse_op
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        ino = self._inode(inode)
+        try:
+            os.removexattr(self._xattr_target(ino), self._xattr_name(name))
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise fail(pyfuse3.ENOATTR) from None
+            raise
+
+    # ---------------------------------------------------------------------------------
+    # lifecycle
+    # ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        for h in self._handles.values():
+            if isinstance(h, FileHandle):
+                os.close(h.fd)
+        self._handles.clear()
+        self.inodes.close_all()
+
+
+def _exists(dir_fd: int, name: bytes) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+

@@ -1,0 +1,243 @@
+"""The mount process: one FUSE session serving one cipher directory.
+
+Lifecycle, all owned by one trio nursery:
+
+    pyfuse3.init (kernel mount)  ->  FUSE main loop  ->  self-check stat of the mountpoint
+    ->  "ready" to the parent  ->  serve until unmounted, SIGTERM/SIGINT or "shutdown"
+    ->  pyfuse3.close (unmount only if we ended the session)
+
+The parent learns of readiness over the control channel (`--ctl-fd`, see
+piccolofs.protocol) or a one-shot ready pipe (`--ready-fd`) used by `piccolofs mount`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import pyfuse3
+import trio
+
+from piccolofs import protocol
+from piccolofs.format.config import Config
+from piccolofs.format.volume import VolumeCrypto
+from piccolofs.fs.errors import Counters
+from piccolofs.fs.operations import PiccoloOperations
+
+log = logging.getLogger("piccolofs.mount")
+
+READY_TIMEOUT = 30.0
+
+
+@dataclass
+class MountOptions:
+    cipher_dir: str
+    mountpoint: str
+    read_only: bool = False
+    allow_other: bool | None = None  # None: when running as root
+    timeout: float = 1.0
+    ready_fd: int | None = None
+    ctl_fd: int | None = None
+    debug: bool = False
+
+
+def _fuse_options(opts: MountOptions) -> set[str]:
+    options = {
+        f"fsname={os.path.abspath(opts.cipher_dir)}",
+        "subtype=piccolofs",
+        "default_permissions",
+    }
+    allow_other = os.geteuid() == 0 if opts.allow_other is None else opts.allow_other
+    if allow_other:
+        options.add("allow_other")
+    if opts.debug:
+        options.add("debug")
+    return options
+
+
+def _raise_fd_limit() -> None:
+    """Every inode the kernel knows pins one O_PATH fd: allow as many as the system does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Session:
+    """The running mount: operations, control channel, and the reason it ended."""
+
+    def __init__(self, ops: PiccoloOperations, opts: MountOptions) -> None:
+        self.ops = ops
+        self.opts = opts
+        self.we_ended_it = False
+        self._ctl: trio.SocketStream | None = None
+        self._send_lock = trio.Lock()
+        self._pending: list[dict[str, Any]] = []
+        self._wake = trio.Event()
+
+    # -- control channel -----------------------------------------------------------------
+    def report(self, event: dict[str, Any]) -> None:
+        """Queue an event for the parent (called from FUSE handlers, must not block)."""
+        if self._ctl is not None:
+            self._pending.append(event)
+            self._wake.set()
+
+    async def _send(self, msg: dict[str, Any]) -> None:
+        if self._ctl is None:
+            return
+        async with self._send_lock:
+            try:
+                await self._ctl.send_all(protocol.encode(msg))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._ctl = None
+
+    async def _pump_events(self) -> None:
+        while self._ctl is not None:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            pending, self._pending = self._pending, []
+            for event in pending:
+                await self._send(event)
+
+    def stats(self) -> dict[str, Any]:
+        proc = psutil.Process()
+        cpu = proc.cpu_times()
+        return {
+            "role": "follower" if self.ops.read_only else "leader",
+            "inodes": len(self.ops.inodes),
+            "handles": len(self.ops._handles),
+            "rss": proc.memory_info().rss,
+            "cpu_seconds": cpu.user + cpu.system,
+            "internal_errors": Counters.internal_errors,
+            "integrity_errors": Counters.integrity_errors,
+        }
+
+    async def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        protocol.validate_request(msg)
+        op = msg["op"]
+        if op == "set_role":
+            self.ops.set_read_only(msg["role"] == protocol.ROLE_FOLLOWER)
+            log.info("role set to %s", msg["role"])
+            return {"ok": True, "role": msg["role"]}
+        if op == "stats":
+            return {"ok": True, **self.stats()}
+        self.terminate()
+        return {"ok": True}
+
+    async def _serve_ctl(self) -> None:
+        assert self._ctl is not None
+        lines = protocol.LineBuffer()
+        while True:
+            try:
+                data = await self._ctl.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                # The parent is gone: a mount nobody supervises must not linger.
+                log.warning("control channel closed by the parent; unmounting")
+                self._ctl = None
+                self.terminate()
+                return
+            try:
+                messages = lines.feed(data)
+            except protocol.ProtocolError as exc:
+                await self._send({"ok": False, "error": str(exc)})
+                continue
+            for line in messages:
+                reply_id = None
+                try:
+                    msg = protocol.decode(line)
+                    reply_id = msg.get("id")
+                    reply = await self._handle(msg)
+                except protocol.ProtocolError as exc:
+                    reply = {"ok": False, "error": str(exc)}
+                await self._send({"reply": reply_id, **reply})
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def terminate(self) -> None:
+        self.we_ended_it = True
+        pyfuse3.terminate()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                self.terminate()
+                return
+
+    async def _announce_ready(self) -> None:
+        # A stat through the kernel proves the session answers requests.
+        with trio.fail_after(READY_TIMEOUT):
+            await trio.to_thread.run_sync(os.stat, self.opts.mountpoint)
+        if self.opts.ready_fd is not None:
+            try:
+                os.write(self.opts.ready_fd, b"ready\n")
+            finally:
+                os.close(self.opts.ready_fd)
+                self.opts.ready_fd = None
+        await self._send({"event": "ready", "pid": os.getpid(),
+                          "role": "follower" if self.ops.read_only else "leader"})
+        log.info("mounted %s on %s", self.opts.cipher_dir, self.opts.mountpoint)
+
+    async def run(self) -> None:
+        if self.opts.ctl_fd is not None:
+            sock = socket.socket(fileno=self.opts.ctl_fd)
+            sock.setblocking(False)
+            self._ctl = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signals)
+            if self._ctl is not None:
+                nursery.start_soon(self._serve_ctl)
+                nursery.start_soon(self._pump_events)
+            nursery.start_soon(self._announce_ready)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+
+def run(cfg: Config, master_key: bytearray, opts: MountOptions) -> int:
+    """Mount and serve until the session ends. Zeroes `master_key` once the keys exist."""
+    try:
+        volume = VolumeCrypto(cfg, bytes(master_key))
+    finally:
+        master_key[:] = bytes(len(master_key))
+    os.umask(0)
+    _raise_fd_limit()
+    root_fd = os.open(opts.cipher_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    ops = PiccoloOperations(volume, root_fd, read_only=opts.read_only, timeout=opts.timeout)
+    session = Session(ops, opts)
+    ops._report = session.report
+    pyfuse3.init(ops, opts.mountpoint, _fuse_options(opts))
+    try:
+        trio.run(session.run)
+    except BaseException:
+        session.we_ended_it = True
+        log.exception("mount process failed")
+        raise
+    finally:
+        pyfuse3.close(unmount=session.we_ended_it)
+        ops.close()
+        os.close(root_fd)
+    return 0
+
+
+def setup_logging(debug: bool, foreground: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    handler: logging.Handler
+    if foreground or not os.path.exists("/dev/log"):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("piccolofs[%(process)d] %(levelname)s %(message)s"))
+    else:
+        from logging.handlers import SysLogHandler
+
+        handler = SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("piccolofs[%(process)d]: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("pyfuse3").setLevel(logging.WARNING)

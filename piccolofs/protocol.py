@@ -1,0 +1,72 @@
+"""The control channel between a mount process and its parent (the daemon or the CLI).
+
+One socketpair end is inherited by the mount process (`--ctl-fd`). Both sides exchange
+newline-delimited JSON objects of at most MAX_MESSAGE bytes:
+
+    parent -> child   {"op": "set_role", "role": "leader"|"follower", "id": N}
+                      {"op": "stats", "id": N}
+                      {"op": "shutdown", "id": N}
+    child -> parent   {"event": "ready", "pid": P, "role": R}
+                      {"reply": N, "ok": true, ...} | {"reply": N, "ok": false, "error": "..."}
+                      {"event": "integrity", "inode": I, "block": B|null}
+
+Nothing secret crosses this channel: the key travels on its own fd, read once and closed.
+This module is FUSE-free so the daemon can import it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_MESSAGE = 64 * 1024
+ROLE_LEADER = "leader"
+ROLE_FOLLOWER = "follower"
+ROLES = (ROLE_LEADER, ROLE_FOLLOWER)
+OPS = ("set_role", "stats", "shutdown")
+
+
+class ProtocolError(ValueError):
+    """A message that is not valid JSON, too large, or not of a known shape."""
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError("message too large")
+    return data
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    if len(line) > MAX_MESSAGE:
+        raise ProtocolError("message too large")
+    try:
+        msg = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProtocolError("message is not JSON") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("message is not an object")
+    return msg
+
+
+def validate_request(msg: dict[str, Any]) -> None:
+    op = msg.get("op")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op!r}")
+    if op == "set_role" and msg.get("role") not in ROLES:
+        raise ProtocolError(f"unknown role {msg.get('role')!r}")
+
+
+class LineBuffer:
+    """Splits a byte stream into bounded lines."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        if len(self._buf) > MAX_MESSAGE:
+            self._buf = b""
+            raise ProtocolError("message too large")
+        return [ln for ln in lines if ln.strip()]
