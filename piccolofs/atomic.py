@@ -6,6 +6,7 @@ old complete file or the new complete file, never a torn one, even across a cras
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 
@@ -26,10 +27,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
             os.close(fd)
         os.rename(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

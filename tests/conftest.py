@@ -54,7 +54,8 @@ def assert_clean_log(m: PiccoloMount, allow_integrity: bool = False) -> None:
 
 
 @pytest.fixture
-def volume(tmp_path: Path, passfile: Path, request: pytest.FixtureRequest) -> Iterator[PiccoloMount]:
+def volume(tmp_path: Path, passfile: Path,
+           request: pytest.FixtureRequest) -> Iterator[PiccoloMount]:
     """A freshly initialised default tree, mounted; fsck must be clean afterwards."""
     cipher = tmp_path / "cipher"
     init_piccolofs(cipher, passfile)

@@ -31,7 +31,8 @@ def test_write_read_at_any_offset_and_size(volume: PiccoloMount) -> None:
     with open(path, "w+b", buffering=0) as f:
         for _ in range(300):
             off = rng.randrange(0, 40000)
-            data = rng.randbytes(rng.choice([1, 7, 4095, 4096, 4097, 10000, rng.randrange(1, 20000)]))
+            size = rng.choice([1, 7, 4095, 4096, 4097, 10000, rng.randrange(1, 20000)])
+            data = rng.randbytes(size)
             f.seek(off)
             f.write(data)
             if off > len(model):

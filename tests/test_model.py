@@ -95,7 +95,8 @@ def _random_op(rng: random.Random) -> tuple[Any, ...]:
     if r < 0.60:
         return ("read", name, rng.randrange(0, 160_000), rng.choice(SIZES))
     if r < 0.70:
-        return ("truncate", name, rng.choice([0, rng.randrange(0, 160_000), 4096 * rng.randrange(8)]))
+        size = rng.choice([0, rng.randrange(0, 160_000), 4096 * rng.randrange(8)])
+        return ("truncate", name, size)
     if r < 0.76:
         return ("rename", name, rng.choice(NAMES))
     if r < 0.80:

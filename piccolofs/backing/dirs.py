@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -44,19 +45,15 @@ def write_diriv(dir_fd: int) -> bytes:
 def write_companion(dir_fd: int, bn: BackingName) -> None:
     """Write the .name file of a long name first, as gocryptfs orders it."""
     if bn.companion is not None and bn.long_cipher is not None:
-        try:
+        # A leftover companion for the same hash holds the same name (collision-free hash).
+        with contextlib.suppress(FileExistsError):
             write_new_file(dir_fd, bn.companion, bn.long_cipher, META_MODE)
-        except FileExistsError:
-            # A stale companion for the same hash holds the same name (collision-free hash).
-            pass
 
 
 def remove_companion(dir_fd: int, bn: BackingName) -> None:
     if bn.companion is not None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(bn.companion, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
 
 
 @dataclass(frozen=True, slots=True)

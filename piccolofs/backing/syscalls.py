@@ -7,6 +7,7 @@ rename flags go through libc via ctypes here, and only here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -97,10 +98,8 @@ def write_new_file(dir_fd: int, name: bytes, data: bytes, mode: int) -> None:
         os.fchmod(fd, mode)
     except BaseException:
         os.close(fd)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(name, dir_fd=dir_fd)
-        except OSError:
-            pass
         raise
     os.close(fd)
 

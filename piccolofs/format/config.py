@@ -217,8 +217,10 @@ def parse(data: bytes) -> Config:
         raise ConfigError("gocryptfs.conf is empty")
     try:
         obj = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise ConfigError(f"gocryptfs.conf is not valid JSON (truncated?): {exc.msg}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("gocryptfs.conf is not UTF-8") from None
     if not isinstance(obj, dict):
         raise ConfigError("gocryptfs.conf is not a JSON object")
 

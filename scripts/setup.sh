@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Idempotent set-up on Debian 12 as root: system packages, then a virtualenv with the project.
+# Sourced by run.sh and test.sh; safe to run again at any time.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PICCOLOFS_VENV:-$REPO/.venv}"
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gocryptfs gcc python3 python3-venv python3-dev
+              fio sqlite3 util-linux procps)
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: run as root (FUSE mounts with allow_other and the test suite need it)" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+if [ ! -e /dev/fuse ]; then
+    echo "setup: /dev/fuse is missing; this machine cannot mount FUSE filesystems" >&2
+    exit 1
+fi
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "setup: Python 3.11 or newer is required ($("$PY" --version))" >&2
+    exit 1
+fi
+# CPython's own regression tests run against our mounts; Debian ships them separately.
+if ! "$PY" -c 'import test.support' 2>/dev/null; then
+    ver="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    apt-get install -y -qq "libpython${ver}-testsuite" >/dev/null || true
+fi
+
+stamp="$VENV/.piccolofs-installed"
+want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setup: installing the project into $VENV" >&2
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO[test]" 2>&1 \
+        | grep -v "^WARNING: Location" >&2 || true
+    "$VENV/bin/python" -c 'import pyfuse3, trio, nacl, piccolofs' 
+    echo "$want" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
