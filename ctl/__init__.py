@@ -1,0 +1,1 @@
+"""ctl: the Piccolo control daemon (`piccolo-ctld`) and its CLI (`piccoloctl`)."""

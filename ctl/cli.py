@@ -1,0 +1,348 @@
+"""`piccoloctl`: the command line for the control daemon.
+
+Secrets come from a prompt, `--password-file F`, or stdin — never from argv. Output is for
+people by default and JSON with `--json`. Exit codes tell scripts what happened:
+0 ok, 1 failed, 2 usage or invalid input, 3 locked, 4 not found, 5 refused (wrong secret,
+conflict, not leader, busy, too many attempts), 6 daemon unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import http.client
+import json
+import socket
+import sys
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ctl.paths import Paths
+
+OK, FAILED, USAGE, LOCKED, NOT_FOUND, REFUSED, UNREACHABLE = range(7)
+_STATUS_EXIT = {400: USAGE, 422: USAGE, 401: REFUSED, 403: REFUSED, 404: NOT_FOUND,
+                405: USAGE, 409: REFUSED, 423: LOCKED, 429: REFUSED}
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        raw = body.get("error")
+        err: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        super().__init__(err.get("message") or f"HTTP {status}")
+        self.status = status
+        self.code = err.get("code", "")
+        self.body = body
+
+
+class Client:
+    def __init__(self, socket_path: str, timeout: float | None = 300.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def _conn(self, timeout: float | None = -1) -> UnixHTTPConnection:
+        return UnixHTTPConnection(self.socket_path, self.timeout if timeout == -1 else timeout)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        conn = self._conn()
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, "/api/v1" + path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        parsed = json.loads(data) if data.strip() else {}
+        if resp.status >= 300:
+            raise ApiError(resp.status, parsed)
+        return parsed
+
+    def stream(self, path: str) -> Iterator[dict[str, Any]]:
+        conn = self._conn(timeout=None)
+        try:
+            conn.request("GET", "/api/v1" + path)
+            resp = conn.getresponse()
+            if resp.status >= 300:
+                data = resp.read()
+                raise ApiError(resp.status, json.loads(data) if data.strip() else {})
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            conn.close()
+
+
+# ---------------------------------------------------------------------------------------
+# secrets
+# ---------------------------------------------------------------------------------------
+class Secrets:
+    """Reads secrets in order from a file, stdin (one per line) or the terminal."""
+
+    def __init__(self, password_file: str | None) -> None:
+        self._lines: list[str] | None = None
+        if password_file:
+            with open(password_file) as f:
+                self._lines = f.read().splitlines()
+        elif not sys.stdin.isatty():
+            self._lines = sys.stdin.read().splitlines()
+
+    def next(self, prompt: str, confirm: bool = False) -> str:
+        if self._lines is not None:
+            if not self._lines:
+                raise SystemExit(_die(USAGE, f"missing input for: {prompt.rstrip(': ')}"))
+            return self._lines.pop(0)
+        value = getpass.getpass(prompt)
+        if confirm and getpass.getpass("Repeat: ") != value:
+            raise SystemExit(_die(USAGE, "the two entries differ"))
+        return value
+
+
+def _die(code: int, message: str) -> int:
+    print(f"piccoloctl: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------
+def _volume_line(v: dict[str, Any]) -> str:
+    flags = []
+    if v.get("needs_repair"):
+        flags.append("NEEDS REPAIR")
+    if v.get("read_only"):
+        flags.append("read-only")
+    err = f"  error: {v['last_error']}" if v.get("last_error") else ""
+    return (f"{v['id']:<16} {v.get('class') or '?':<12} desired={v['desired_state']:<9} "
+            f"observed={v['observed_state']:<9} role={v['role']:<8} gen={v['generation']}"
+            f"{'  [' + ', '.join(flags) + ']' if flags else ''}{err}")
+
+
+def _print(args: argparse.Namespace, data: Any, human: str | None = None) -> None:
+    if args.json or human is None:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(human)
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------
+def cmd_status(c: Client, args: argparse.Namespace) -> int:
+    s = c.call("GET", "/crypto/status")
+    rk = c.call("GET", "/crypto/recovery-key")
+    s["recovery_key"] = rk["present"]
+    state = "not initialized" if not s["initialized"] else ("locked" if s["locked"]
+                                                            else "unlocked")
+    _print(args, s, f"{state}; recovery key {'present' if rk['present'] else 'absent'}")
+    return OK
+
+
+def cmd_setup(c: Client, args: argparse.Namespace) -> int:
+    pw = Secrets(args.password_file).next("New admin password: ", confirm=True)
+    _print(args, c.call("POST", "/crypto/setup", {"password": pw}), "initialized (locked)")
+    return OK
+
+
+def cmd_unlock(c: Client, args: argparse.Namespace) -> int:
+    src = Secrets(args.password_file)
+    if args.recovery:
+        body = {"recovery_key": src.next("Recovery key: ")}
+    else:
+        body = {"password": src.next("Password: ")}
+    _print(args, c.call("POST", "/crypto/unlock", body), "unlocked")
+    return OK
+
+
+def cmd_lock(c: Client, args: argparse.Namespace) -> int:
+    _print(args, c.call("POST", "/crypto/lock"), "locked")
+    return OK
+
+
+def cmd_reset_password(c: Client, args: argparse.Namespace) -> int:
+    src = Secrets(args.password_file)
+    rk = src.next("Recovery key: ")
+    pw = src.next("New password: ", confirm=True)
+    _print(args, c.call("POST", "/crypto/reset-password",
+                        {"recovery_key": rk, "new_password": pw}), "password reset")
+    return OK
+
+
+def cmd_passwd(c: Client, args: argparse.Namespace) -> int:
+    src = Secrets(args.password_file)
+    old = src.next("Current password: ")
+    new = src.next("New password: ", confirm=True)
+    _print(args, c.call("POST", "/crypto/password",
+                        {"old_password": old, "new_password": new}), "password changed")
+    return OK
+
+
+def cmd_recovery_key(c: Client, args: argparse.Namespace) -> int:
+    if args.action == "status":
+        rk = c.call("GET", "/crypto/recovery-key")
+        _print(args, rk, "present" if rk["present"] else "absent")
+        return OK
+    body: dict[str, Any] = {}
+    if args.password_file or args.with_password:
+        body["password"] = Secrets(args.password_file).next("Password: ")
+    res = c.call("POST", "/crypto/recovery-key/generate", body)
+    _print(args, res, "Recovery key (write it down; it is shown once):\n\n  "
+           + "\n  ".join(" ".join(res["words"][i:i + 6]) for i in range(0, 26, 6)))
+    return OK
+
+
+def cmd_volume(c: Client, args: argparse.Namespace) -> int:
+    a = args.action
+    if a == "list":
+        vols = c.call("GET", "/volumes")["volumes"]
+        _print(args, vols, "\n".join(_volume_line(v) for v in vols) or "no volumes")
+        return OK
+    vid = urllib.parse.quote(args.id, safe="")
+    if a == "show":
+        res = c.call("GET", f"/volumes/{vid}")
+    elif a == "ensure":
+        res = c.call("POST", "/volumes", {"id": args.id, "class": args.volume_class,
+                                          "cluster_mode": args.cluster_mode,
+                                          "follower_policy": args.follower_policy})
+    elif a == "attach":
+        res = c.call("POST", f"/volumes/{vid}/attach", {"role": args.role})
+    elif a == "detach":
+        res = c.call("POST", f"/volumes/{vid}/detach", {"lazy": args.lazy})
+    else:
+        res = c.call("POST", f"/volumes/{vid}/role", {"role": args.role})
+    _print(args, res, _volume_line(res) + f"\n  mountpoint: {res['mountpoint']}")
+    return OK
+
+
+def cmd_events(c: Client, args: argparse.Namespace) -> int:
+    q: list[tuple[str, str]] = [("topic", t) for t in args.topic or []]
+    q.append(("since", str(args.since)))
+    if args.follow:
+        q.append(("follow", "1"))
+    try:
+        for event in c.stream("/events?" + urllib.parse.urlencode(q)):
+            if args.json:
+                print(json.dumps(event, sort_keys=True), flush=True)
+            else:
+                print(f"{event['seq']:>6} {event['time']} {event['topic']:<24} "
+                      f"{json.dumps(event['data'], sort_keys=True)}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    return OK
+
+
+def cmd_health(c: Client, args: argparse.Namespace) -> int:
+    h = c.call("GET", "/health")
+    lines = [f"status: {h['status']}",
+             f"crypto: {'locked' if h['crypto']['locked'] else 'unlocked'}"]
+    lines += [f"volume {k}: {v}" for k, v in sorted(h["volumes"].items())]
+    if h["needs_repair"]:
+        lines.append("needs repair: " + ", ".join(h["needs_repair"]))
+    _print(args, h, "\n".join(lines))
+    return OK
+
+
+def cmd_leadership(c: Client, args: argparse.Namespace) -> int:
+    if args.resource:
+        if not args.role:
+            return _die(USAGE, "give RESOURCE and ROLE")
+        res = c.call("POST", "/leadership", {"resource": args.resource, "role": args.role})
+    else:
+        res = c.call("GET", "/leadership")
+    _print(args, res, "\n".join(f"{k}: {v}" for k, v in sorted(res["roles"].items()))
+           or "all resources: leader (local default)")
+    return OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="piccoloctl", description=__doc__.splitlines()[0])
+    p.add_argument("--socket", help="control socket (default: $PICCOLO_RUN_DIR/ctl.sock)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def secret_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--password-file", metavar="F",
+                        help="read secrets from F, one per line (else stdin or a prompt)")
+
+    sub.add_parser("status")
+    secret_opts(sub.add_parser("setup"))
+    u = sub.add_parser("unlock")
+    u.add_argument("--recovery", action="store_true", help="unlock with the recovery key")
+    secret_opts(u)
+    sub.add_parser("lock")
+    secret_opts(sub.add_parser("reset-password", help="new password via the recovery key"))
+    secret_opts(sub.add_parser("passwd", help="change the password"))
+    rk = sub.add_parser("recovery-key")
+    rk.add_argument("action", choices=["generate", "status"])
+    rk.add_argument("--with-password", action="store_true",
+                    help="authorise with the password (when locked)")
+    secret_opts(rk)
+
+    v = sub.add_parser("volume")
+    vs = v.add_subparsers(dest="action", required=True)
+    vs.add_parser("list")
+    for name in ("show", "ensure", "attach", "detach", "role"):
+        sp = vs.add_parser(name)
+        sp.add_argument("id")
+        if name == "ensure":
+            sp.add_argument("--class", dest="volume_class", default="application",
+                            choices=["bootstrap", "control", "application"])
+            sp.add_argument("--cluster-mode", default="stateful",
+                            choices=["stateful", "stateless_read_only"])
+            sp.add_argument("--follower-policy", default="read_only",
+                            choices=["read_only", "detached"])
+        elif name == "attach":
+            sp.add_argument("--role", default="leader", choices=["leader", "follower"])
+        elif name == "detach":
+            sp.add_argument("--lazy", action="store_true", help="detach even if busy")
+        elif name == "role":
+            sp.add_argument("role", choices=["leader", "follower"])
+
+    e = sub.add_parser("events")
+    e.add_argument("--follow", "-f", action="store_true")
+    e.add_argument("--topic", action="append", help="only this topic (repeatable)")
+    e.add_argument("--since", type=int, default=0, help="events after this sequence number")
+    sub.add_parser("health")
+    ld = sub.add_parser("leadership")
+    ld.add_argument("resource", nargs="?")
+    ld.add_argument("role", nargs="?", choices=["leader", "follower"])
+    return p
+
+
+COMMANDS = {"status": cmd_status, "setup": cmd_setup, "unlock": cmd_unlock,
+            "lock": cmd_lock, "reset-password": cmd_reset_password, "passwd": cmd_passwd,
+            "recovery-key": cmd_recovery_key, "volume": cmd_volume, "events": cmd_events,
+            "health": cmd_health, "leadership": cmd_leadership}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    sock = args.socket or str(Paths.resolve().socket)
+    client = Client(sock)
+    try:
+        return COMMANDS[args.command](client, args)
+    except ApiError as exc:
+        if args.json:
+            print(json.dumps(exc.body, sort_keys=True))
+        return _die(_STATUS_EXIT.get(exc.status, FAILED), f"{exc} ({exc.code or exc.status})")
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        return _die(UNREACHABLE, f"cannot reach the daemon at {sock}: {exc.strerror}")
+    except OSError as exc:
+        return _die(FAILED, str(exc))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,75 @@
+"""Domain errors of the daemon, each with its HTTP status and stable error code.
+
+The API turns any of these into the one JSON error shape
+`{"error": {"code": ..., "message": ...}}`; the CLI turns the status into its exit code.
+Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class CtlError(Exception):
+    status = 500
+    code = "failed"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidRequest(CtlError):
+    status, code = 400, "invalid_request"
+
+
+class InvalidInput(CtlError):
+    status, code = 422, "invalid_input"
+
+
+class Unauthorized(CtlError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(CtlError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(CtlError):
+    status, code = 404, "not_found"
+
+
+class Conflict(CtlError):
+    status, code = 409, "conflict"
+
+
+class NotLeader(Conflict):
+    code = "not_leader"
+
+
+class Busy(Conflict):
+    code = "busy"
+
+
+class NotInitialized(Conflict):
+    code = "not_initialized"
+
+
+class AlreadyInitialized(Conflict):
+    code = "already_initialized"
+
+
+class Locked(CtlError):
+    status, code = 423, "locked"
+
+
+class TooManyAttempts(CtlError):
+    status, code = 429, "too_many_attempts"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed attempts; retry in {retry_after:.0f} s",
+                         retry_after=round(retry_after, 1))
+        self.retry_after = retry_after
+
+
+class Failed(CtlError):
+    status, code = 500, "failed"

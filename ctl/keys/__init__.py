@@ -1,0 +1,1 @@
+"""The system data-encryption key (SDEK): sealing, unlocking, recovery keys."""

@@ -1,0 +1,1 @@
+"""Volumes: encrypted cipher dirs, their sealed keys, journals and supervised mounts."""

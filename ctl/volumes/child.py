@@ -1,0 +1,191 @@
+"""One supervised `piccolofs mount` process and its control channel.
+
+The passphrase goes over a pipe that the child reads once and closes; the control channel is
+a socketpair (piccolofs.protocol). `run` is meant for `nursery.start`: it reports started
+only once the child says *ready* (the kernel mount answers requests), then keeps reading
+the channel and returns the child's exit code when the process ends, whatever the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ctl.errors import Busy, Failed
+from piccolofs import protocol
+
+log = logging.getLogger("ctl.volumes")
+
+READY_TIMEOUT = 60.0
+REQUEST_TIMEOUT = 15.0
+EXIT_TIMEOUT = 15.0
+
+
+class MountFailed(Failed):
+    pass
+
+
+class MountChild:
+    def __init__(self, volume_id: str, cipher: Path, mountpoint: Path, read_only: bool,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.volume_id = volume_id
+        self.cipher = cipher
+        self.mountpoint = mountpoint
+        self.read_only = read_only
+        self.on_event = on_event or (lambda msg: None)
+        self.proc: trio.Process | None = None
+        self._stream: trio.SocketStream | None = None
+        self._pending: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
+        self._next_id = 1
+        self._send_lock = trio.Lock()
+        self.exited = trio.Event()
+        self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def run(self, passphrase: bytes, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
+        parent_sock, child_sock = socket.socketpair()
+        pass_r, pass_w = os.pipe()
+        cmd = [sys.executable, "-m", "piccolofs", "mount", "--foreground",
+               "--ctl-fd", str(child_sock.fileno()), "--passfd", str(pass_r)]
+        if self.read_only:
+            cmd.append("--ro")
+        cmd += ["--", str(self.cipher), str(self.mountpoint)]
+        try:
+            self.proc = await trio.lowlevel.open_process(
+                cmd, pass_fds=(child_sock.fileno(), pass_r), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL)
+        finally:
+            child_sock.close()
+            os.close(pass_r)
+        try:
+            os.write(pass_w, passphrase + b"\n")
+        finally:
+            os.close(pass_w)
+        parent_sock.setblocking(False)
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
+        lines = protocol.LineBuffer()
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._wait_exit, nursery.cancel_scope)
+                with trio.move_on_after(READY_TIMEOUT) as timeout:
+                    ready = await self._read_until_ready(lines)
+                if timeout.cancelled_caught or not ready:
+                    await self._kill()
+                    raise MountFailed(f"volume {self.volume_id}: mount process did not become "
+                                      f"ready (exit code {self.returncode})")
+                task_status.started()
+                started = True
+                await self._read_loop(lines)
+        finally:
+            await self._stream.aclose()
+            for event, _ in self._pending.values():
+                event.set()
+        if not started:
+            raise MountFailed(f"volume {self.volume_id}: mount process exited with code "
+                              f"{self.returncode} before it was ready")
+        assert self.returncode is not None
+        return self.returncode
+
+    async def _wait_exit(self, scope: trio.CancelScope) -> None:
+        assert self.proc is not None
+        self.returncode = await self.proc.wait()
+        self.exited.set()
+        scope.cancel()
+
+    async def _read_until_ready(self, lines: protocol.LineBuffer) -> bool:
+        assert self._stream is not None
+        while True:
+            data = await self._stream.receive_some(65536)
+            if not data:
+                await self.exited.wait()
+                return False
+            for line in lines.feed(data):
+                msg = protocol.decode(line)
+                if msg.get("event") == "ready":
+                    return True
+                self._dispatch(msg)
+
+    async def _read_loop(self, lines: protocol.LineBuffer) -> None:
+        assert self._stream is not None
+        while True:
+            try:
+                data = await self._stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                await self.exited.wait()
+                return
+            try:
+                for line in lines.feed(data):
+                    self._dispatch(protocol.decode(line))
+            except protocol.ProtocolError as exc:
+                log.warning("volume %s: bad message from mount process: %s",
+                            self.volume_id, exc)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if "event" in msg:
+            self.on_event(msg)
+            return
+        waiter = self._pending.pop(msg.get("reply"), None)  # type: ignore[arg-type]
+        if waiter is not None:
+            waiter[1].append(msg)
+            waiter[0].set()
+
+    async def request(self, op: str, **kw: Any) -> dict[str, Any]:
+        if self._stream is None or self.exited.is_set():
+            raise Failed(f"volume {self.volume_id}: mount process is not running")
+        rid = self._next_id
+        self._next_id += 1
+        event: trio.Event = trio.Event()
+        box: list[dict[str, Any]] = []
+        self._pending[rid] = (event, box)
+        async with self._send_lock:
+            await self._stream.send_all(protocol.encode({"op": op, "id": rid, **kw}))
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            await event.wait()
+        self._pending.pop(rid, None)
+        if not box:
+            raise Failed(f"volume {self.volume_id}: no answer to {op}")
+        if not box[0].get("ok"):
+            raise Failed(f"volume {self.volume_id}: {op} failed: {box[0].get('error')}")
+        return box[0]
+
+    async def set_role(self, role: str) -> None:
+        await self.request("set_role", role=role)
+        self.read_only = role == protocol.ROLE_FOLLOWER
+
+    async def unmount(self, lazy: bool) -> None:
+        """Unmount through the kernel; Busy if files are open and not lazy."""
+        args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(self.mountpoint)]
+        res = await trio.run_process(args, capture_stdout=True, capture_stderr=True,
+                                     check=False)
+        if res.returncode != 0:
+            err = res.stderr.decode(errors="replace").strip()
+            if "busy" in err.lower():
+                raise Busy(f"volume {self.volume_id} is busy (files are open); "
+                           "detach with lazy=true to detach anyway")
+            if not self.exited.is_set():
+                raise Failed(f"volume {self.volume_id}: unmount failed: {err}")
+        with trio.move_on_after(EXIT_TIMEOUT):
+            await self.exited.wait()
+        if not self.exited.is_set():
+            await self._kill()
+
+    async def _kill(self) -> None:
+        if self.proc is not None and not self.exited.is_set():
+            self.proc.kill()
+            with trio.move_on_after(5):
+                await self.exited.wait()

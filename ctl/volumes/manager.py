@@ -1,0 +1,437 @@
+"""The volume manager: ensure, attach, detach and role changes, journaled and published.
+
+Each volume has a lock that serialises its transitions. Every transition is written to the
+journal first (atomically) and then published as `volume_state_changed` with exactly the
+journal record. Mount processes are children supervised in the manager's nursery: a child
+that dies is noticed at once, journaled as an error, its stale mount cleaned, and — while
+the intent is `mounted` — re-attached with exponential back-off.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ctl import roles
+from ctl.errors import Failed, InvalidInput, NotFound, NotLeader
+from ctl.events import EventBus
+from ctl.keys.manager import KeyManager
+from ctl.paths import Paths
+from ctl.volumes import journal, mountinfo
+from ctl.volumes.child import MountChild, MountFailed
+from ctl.volumes.journal import JournalRecord
+from ctl.volumes.metadata import (
+    CLASSES,
+    CLUSTER_MODES,
+    FOLLOWER_POLICIES,
+    MetadataCorrupted,
+    VolumeMeta,
+    new_passphrase,
+)
+from piccolofs.atomic import write_atomic
+from piccolofs.backing.tree import init_tree
+from piccolofs.format.config import InitOptions
+
+log = logging.getLogger("ctl.volumes")
+
+VOLUME_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+RETRY_DELAYS = (0.5, 1, 2, 4, 8, 16, 30, 60)
+
+
+@dataclass(eq=False)
+class Volume:
+    id: str
+    record: JournalRecord
+    child: MountChild | None = None
+    expected_exit: bool = False
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    retry: trio.CancelScope | None = None
+
+
+def _fsync_dir(path: os.PathLike[str] | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class VolumeManager:
+    def __init__(self, paths: Paths, keys: KeyManager, bus: EventBus,
+                 registry: roles.LeadershipRegistry, scrypt_log_n: int = 16) -> None:
+        self.paths = paths
+        self.keys = keys
+        self.bus = bus
+        self.registry = registry
+        self.scrypt_log_n = scrypt_log_n
+        self._vols: dict[str, Volume] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # ---------------------------------------------------------------------------------
+    # lifecycle
+    # ---------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Own the mount children; follow leadership changes. Runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._load()
+            sub = self.bus.subscribe(["leadership_role_changed"])
+            nursery.start_soon(self._follow_roles, sub)
+            task_status.started()
+
+    def _load(self) -> None:
+        if not self.paths.journal_dir.exists():
+            return
+        for entry in sorted(self.paths.journal_dir.iterdir()):
+            if not VOLUME_ID.match(entry.name):
+                continue
+            try:
+                record = journal.read(self.paths.journal(entry.name)) or JournalRecord()
+            except journal.CorruptJournal as exc:
+                log.error("%s; starting that volume from a fresh record", exc)
+                record = JournalRecord(needs_repair=True, last_error=str(exc))
+            self._vols[entry.name] = Volume(entry.name, record)
+
+    def _get(self, volume_id: str) -> Volume:
+        vol = self._vols.get(volume_id)
+        if vol is None:
+            if not VOLUME_ID.match(volume_id) or not self.paths.cipher(volume_id).exists():
+                raise NotFound(f"no volume {volume_id!r}")
+            vol = self._vols[volume_id] = Volume(volume_id, JournalRecord())
+        return vol
+
+    def _journal(self, vol: Volume, **change: Any) -> None:
+        vol.record = vol.record.transition(**change)
+        journal.write(self.paths.journal(vol.id), vol.record)
+        self.bus.publish("volume_state_changed", {"id": vol.id, **vol.record.to_json()})
+
+    def _meta(self, vol: Volume) -> VolumeMeta:
+        try:
+            return VolumeMeta.parse(self.paths.volume_meta(vol.id).read_bytes())
+        except FileNotFoundError:
+            if self.paths.cipher(vol.id).exists():
+                raise Failed(f"volume {vol.id} has a cipher dir but no piccolo.volume.json: "
+                             "its key is missing") from None
+            raise NotFound(f"no volume {vol.id!r}") from None
+        except MetadataCorrupted as exc:
+            raise Failed(f"volume {vol.id}: {exc}") from None
+
+    def info(self, volume_id: str) -> dict[str, Any]:
+        vol = self._get(volume_id)
+        try:
+            meta: VolumeMeta | None = self._meta(vol)
+        except (Failed, NotFound):
+            meta = None
+        child = vol.child
+        return {
+            "id": vol.id,
+            "class": meta.volume_class if meta else None,
+            "cluster_mode": meta.cluster_mode if meta else None,
+            "follower_policy": meta.follower_policy if meta else None,
+            "cipher_dir": str(self.paths.cipher(vol.id)),
+            "mountpoint": str(self.paths.mount(vol.id)),
+            "attached": child is not None,
+            "pid": child.pid if child else None,
+            "read_only": child.read_only if child else None,
+            **vol.record.to_json(),
+        }
+
+    def list(self) -> builtins.list[dict[str, Any]]:
+        ids = set(self._vols)
+        if self.paths.ciphertext_dir.exists():
+            ids |= {p.name for p in self.paths.ciphertext_dir.iterdir()
+                    if p.is_dir() and VOLUME_ID.match(p.name)}
+        return [self.info(i) for i in sorted(ids)]
+
+    def is_attached(self, volume_id: str) -> bool:
+        vol = self._vols.get(volume_id)
+        return vol is not None and vol.child is not None
+
+    # ---------------------------------------------------------------------------------
+    # ensure
+    # ---------------------------------------------------------------------------------
+    async def ensure(self, volume_id: str, volume_class: str = "application",
+                     cluster_mode: str = "stateful",
+                     follower_policy: str = "read_only") -> dict[str, Any]:
+        """Create the volume if it does not exist. Idempotent; never re-initialises."""
+        if not isinstance(volume_id, str) or not VOLUME_ID.match(volume_id):
+            raise InvalidInput("volume id must match [a-z0-9][a-z0-9._-]{0,62}")
+        if volume_class not in CLASSES:
+            raise InvalidInput(f"class must be one of {', '.join(CLASSES)}")
+        if cluster_mode not in CLUSTER_MODES:
+            raise InvalidInput(f"cluster_mode must be one of {', '.join(CLUSTER_MODES)}")
+        if follower_policy not in FOLLOWER_POLICIES:
+            raise InvalidInput(f"follower_policy must be one of {', '.join(FOLLOWER_POLICIES)}")
+        vol = self._vols.get(volume_id) or Volume(volume_id, JournalRecord())
+        async with vol.lock:
+            self._vols.setdefault(volume_id, vol)
+            if not self.paths.volume_meta(volume_id).exists():
+                if self.paths.cipher(volume_id).exists():
+                    self._meta(vol)  # raises the precise "key is missing" error
+                await self._create(volume_id, volume_class, cluster_mode, follower_policy)
+            self.paths.mount(volume_id).mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.paths.journal(volume_id).exists():
+                self._journal(vol)
+        return self.info(volume_id)
+
+    async def _create(self, volume_id: str, volume_class: str, cluster_mode: str,
+                      follower_policy: str) -> None:
+        """Initialise in a staging dir, seal the key beside it, then rename into place:
+        a crash at any point leaves either nothing or a complete volume with its key."""
+        sdek = self.keys.sdek()
+        parent = self.paths.ciphertext_dir
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in parent.glob(f".{volume_id}.init-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = parent / f".{volume_id}.init-{secrets.token_hex(4)}"
+        passphrase = new_passphrase()
+        try:
+            await trio.to_thread.run_sync(
+                init_tree, str(staging), passphrase, InitOptions(scrypt_log_n=self.scrypt_log_n))
+            meta = VolumeMeta.seal(sdek, passphrase, volume_class, cluster_mode,
+                                   follower_policy)
+            write_atomic(staging / "piccolo.volume.json", meta.to_json(), 0o600)
+            _fsync_dir(staging)
+            os.rename(staging, self.paths.cipher(volume_id))
+            _fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("volume %s created (%s)", volume_id, volume_class)
+
+    # ---------------------------------------------------------------------------------
+    # attach / detach / role
+    # ---------------------------------------------------------------------------------
+    async def attach(self, volume_id: str, role: str) -> dict[str, Any]:
+        """Mount with `role`; idempotent, and flips the gate live if already mounted."""
+        if role not in roles.ROLES:
+            raise InvalidInput(f"role must be one of {', '.join(roles.ROLES)}")
+        vol = self._get(volume_id)
+        if role == roles.LEADER and not self.registry.may_lead(volume_id):
+            raise NotLeader(f"leadership not granted for volume {volume_id}")
+        async with vol.lock:
+            self._cancel_retry(vol)
+            await self._attach_locked(vol, role)
+        return self.info(volume_id)
+
+    async def _attach_locked(self, vol: Volume, role: str) -> None:
+        meta = self._meta(vol)
+        if vol.child is not None:
+            if vol.child.read_only != (role == roles.FOLLOWER):
+                await vol.child.set_role(role)
+            r = vol.record
+            if (r.desired_state, r.observed_state, r.role) != ("mounted", "mounted", role) \
+                    or r.needs_repair:
+                self._journal(vol, desired="mounted", observed="mounted", role=role)
+            return
+        if role == roles.FOLLOWER and meta.follower_policy == "detached":
+            self._journal(vol, desired="mounted", observed="unmounted", role=role)
+            return
+        try:
+            passphrase = meta.unseal(self.keys.sdek())
+        except MetadataCorrupted as exc:
+            self._journal(vol, desired="mounted", observed="error", role=role, cause=str(exc))
+            raise Failed(f"volume {vol.id}: {exc}") from None
+        mnt = self.paths.mount(vol.id)
+        mnt.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await self._clean_stale(mnt)
+        self._journal(vol, desired="mounted", observed="pending", role=role)
+        child = MountChild(vol.id, self.paths.cipher(vol.id), mnt,
+                           read_only=role == roles.FOLLOWER,
+                           on_event=lambda msg: self._child_event(vol, msg))
+        vol.child, vol.expected_exit = child, False
+        assert self._nursery is not None
+        try:
+            await self._nursery.start(self._supervise, vol, child, bytes(passphrase))
+        except MountFailed as exc:
+            vol.child = None
+            await self._clean_stale(mnt)
+            self._journal(vol, observed="error", cause=exc.message)
+            raise
+        finally:
+            passphrase[:] = bytes(len(passphrase))
+        self._journal(vol, observed="mounted", role=role)
+
+    def _child_event(self, vol: Volume, msg: dict[str, Any]) -> None:
+        if msg.get("event") == "integrity":
+            log.warning("volume %s: integrity failure inode %s block %s", vol.id,
+                        msg.get("inode"), msg.get("block"))
+
+    async def _supervise(self, vol: Volume, child: MountChild, passphrase: bytes, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        code = await child.run(passphrase, task_status=task_status)
+        if vol.child is not child or vol.expected_exit:
+            return
+        async with vol.lock:
+            if vol.child is not child:
+                return
+            vol.child = None
+            log.error("volume %s: mount process %s exited unexpectedly (code %s)", vol.id,
+                      child.pid, code)
+            await self._clean_stale(self.paths.mount(vol.id))
+            self._journal(vol, observed="error",
+                          cause=f"mount process exited unexpectedly (code {code})")
+            if vol.record.desired_state == "mounted":
+                self._schedule_retry(vol)
+
+    def _schedule_retry(self, vol: Volume) -> None:
+        assert self._nursery is not None
+        self._cancel_retry(vol)
+        scope = trio.CancelScope()
+        vol.retry = scope
+        self._nursery.start_soon(self._retry, vol, scope)
+
+    def _cancel_retry(self, vol: Volume) -> None:
+        if vol.retry is not None:
+            vol.retry.cancel()
+            vol.retry = None
+
+    async def _retry(self, vol: Volume, scope: trio.CancelScope) -> None:
+        with scope:
+            for delay in (*RETRY_DELAYS, *[RETRY_DELAYS[-1]] * 1000):
+                await trio.sleep(delay)
+                async with vol.lock:
+                    if vol.retry is not scope or vol.child is not None \
+                            or vol.record.desired_state != "mounted":
+                        return
+                    if self.keys.locked:
+                        self._journal(vol, observed="pending", cause="locked")
+                        return
+                    role = vol.record.role if vol.record.role in roles.ROLES else roles.LEADER
+                    if role == roles.LEADER and not self.registry.may_lead(vol.id):
+                        role = roles.FOLLOWER
+                    try:
+                        await self._attach_locked(vol, role)
+                        vol.retry = None
+                        return
+                    except Exception as exc:
+                        log.warning("volume %s: re-attach failed: %s", vol.id, exc)
+
+    async def _clean_stale(self, mnt: Path) -> None:
+        if mountinfo.is_mounted(mnt):
+            await trio.run_process(["fusermount3", "-uz", str(mnt)], check=False,
+                                   capture_stdout=True, capture_stderr=True)
+
+    async def detach(self, volume_id: str, lazy: bool = False,
+                     keep_intent: bool = False) -> dict[str, Any]:
+        """Unmount. Busy (409) if files are open, unless `lazy`. With `keep_intent` the
+        desired state stays as it was (lock, shutdown), otherwise it becomes unmounted."""
+        vol = self._get(volume_id)
+        async with vol.lock:
+            self._cancel_retry(vol)
+            desired = vol.record.desired_state if keep_intent else "unmounted"
+            child = vol.child
+            if child is None:
+                await self._clean_stale(self.paths.mount(vol.id))
+                r = vol.record
+                if (r.desired_state, r.observed_state) != (desired, "unmounted") \
+                        or r.needs_repair:
+                    self._journal(vol, desired=desired, observed="unmounted")
+                return self.info(volume_id)
+            vol.expected_exit = True
+            try:
+                await child.unmount(lazy)
+            except BaseException:
+                vol.expected_exit = False
+                raise
+            vol.child = None
+            self._journal(vol, desired=desired, observed="unmounted")
+        return self.info(volume_id)
+
+    async def set_role(self, volume_id: str, role: str) -> dict[str, Any]:
+        """Change a volume's role: live on a mounted volume, recorded otherwise."""
+        if role not in roles.ROLES:
+            raise InvalidInput(f"role must be one of {', '.join(roles.ROLES)}")
+        vol = self._get(volume_id)
+        if role == roles.LEADER and not self.registry.may_lead(volume_id):
+            raise NotLeader(f"leadership not granted for volume {volume_id}")
+        if vol.record.desired_state == "mounted":
+            return await self.attach(volume_id, role)
+        async with vol.lock:
+            if vol.record.role != role:
+                self._journal(vol, role=role)
+        return self.info(volume_id)
+
+    async def _follow_roles(self, sub: Any) -> None:
+        async for event in sub:
+            resource, role = event.data.get("resource"), event.data.get("role")
+            vol = self._vols.get(resource) if isinstance(resource, str) else None
+            if vol is None or vol.record.desired_state != "mounted":
+                continue
+            try:
+                if role == roles.FOLLOWER:
+                    meta = self._meta(vol)
+                    if meta.follower_policy == "detached":
+                        await self.detach(vol.id, lazy=True, keep_intent=True)
+                        async with vol.lock:
+                            self._journal(vol, role=roles.FOLLOWER)
+                    else:
+                        await self.attach(vol.id, roles.FOLLOWER)
+                elif role == roles.LEADER and not self.keys.locked:
+                    await self.attach(vol.id, roles.LEADER)
+            except Exception as exc:
+                log.error("volume %s: role change to %s failed: %s", vol.id, role, exc)
+
+    # ---------------------------------------------------------------------------------
+    # reconcile, shutdown
+    # ---------------------------------------------------------------------------------
+    async def reconcile(self, only: set[str] | None = None) -> builtins.list[str]:
+        """Bring every volume's reality in line with its journal; returns the volumes it
+        could not fix. One broken volume never stops the others."""
+        problems = []
+        for vid in sorted(self._vols):
+            if only is not None and vid not in only:
+                continue
+            vol = self._vols[vid]
+            try:
+                await self._reconcile_one(vol)
+            except Exception as exc:
+                problems.append(vid)
+                log.error("volume %s: reconcile failed: %s", vid, exc)
+                async with vol.lock:
+                    if vol.child is None:
+                        self._journal(vol, observed="error", cause=str(exc))
+        return problems
+
+    async def _reconcile_one(self, vol: Volume) -> None:
+        r = vol.record
+        if vol.child is None and mountinfo.is_mounted(self.paths.mount(vol.id)):
+            # Mounted, but not by a child of ours: we cannot supervise it.
+            await self._clean_stale(self.paths.mount(vol.id))
+        if r.desired_state == "mounted":
+            if vol.child is not None:
+                if r.observed_state != "mounted" or r.needs_repair:
+                    async with vol.lock:
+                        self._journal(vol, observed="mounted")
+                return
+            if self.keys.locked:
+                if r.observed_state != "pending" or r.last_error != "locked":
+                    async with vol.lock:
+                        self._journal(vol, observed="pending", cause="locked")
+                return
+            role = r.role if r.role in roles.ROLES else roles.LEADER
+            if role == roles.LEADER and not self.registry.may_lead(vol.id):
+                role = roles.FOLLOWER
+            await self.attach(vol.id, role)
+        else:
+            await self.detach(vol.id, lazy=True)
+
+    async def detach_all(self, keep: frozenset[str] = frozenset(), lazy: bool = True) -> None:
+        for vid in sorted(self._vols, reverse=True):
+            if vid in keep or self._vols[vid].child is None:
+                continue
+            try:
+                await self.detach(vid, lazy=lazy, keep_intent=True)
+            except Exception as exc:
+                log.error("volume %s: detach failed: %s", vid, exc)
