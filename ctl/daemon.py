@@ -38,9 +38,12 @@ def sd_notify(state: str) -> None:
         return
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(state.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify the service manager (%s): %s", state, exc.strerror)
 
 
 class AlreadyRunning(Exception):

@@ -151,14 +151,17 @@ class ApiServer:
         try:
             peer = peer_credentials(sock)
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
-            if not self.allowed(peer):
-                log.warning("refused connection from uid %d (pid %d)", peer.uid, peer.pid)
-                await self._send(stream, conn, error_response(
-                    Forbidden("peer not allowed to use the control socket")))
-                return
+            allowed = self.allowed(peer)
             while True:
                 req = await self._read_request(stream, conn, peer)
                 if req is None:
+                    return
+                if not allowed:
+                    # Answered only after reading the (bounded) request, so the client sees
+                    # the refusal rather than a reset connection; nothing is dispatched.
+                    log.warning("refused connection from uid %d (pid %d)", peer.uid, peer.pid)
+                    await self._send(stream, conn, error_response(
+                        Forbidden("peer not allowed to use the control socket")))
                     return
                 result = await self._handle(req)
                 if isinstance(result, Stream):

@@ -27,6 +27,7 @@ log = logging.getLogger("ctl.volumes")
 READY_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 15.0
 EXIT_TIMEOUT = 15.0
+DRAIN_GRACE = 2.0
 
 
 class MountFailed(Failed):
@@ -168,7 +169,11 @@ class MountChild:
         self.read_only = role == protocol.ROLE_FOLLOWER
 
     async def unmount(self, lazy: bool) -> None:
-        """Unmount through the kernel; Busy if files are open and not lazy."""
+        """Unmount through the kernel; Busy if files are open and not lazy.
+
+        After a lazy unmount the process keeps serving the files still open and exits by
+        itself when the last one is closed (`draining`); it is not killed.
+        """
         args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(self.mountpoint)]
         res = await trio.run_process(args, capture_stdout=True, capture_stderr=True,
                                      check=False)
@@ -179,10 +184,14 @@ class MountChild:
                            "detach with lazy=true to detach anyway")
             if not self.exited.is_set():
                 raise Failed(f"volume {self.volume_id}: unmount failed: {err}")
-        with trio.move_on_after(EXIT_TIMEOUT):
+        with trio.move_on_after(DRAIN_GRACE if lazy else EXIT_TIMEOUT):
             await self.exited.wait()
-        if not self.exited.is_set():
+        if not self.exited.is_set() and not lazy:
             await self._kill()
+
+    @property
+    def draining(self) -> bool:
+        return not self.exited.is_set()
 
     async def _kill(self) -> None:
         if self.proc is not None and not self.exited.is_set():

@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from ctl import roles
-from ctl.errors import Failed, InvalidInput, NotFound, NotLeader
+from ctl.errors import Busy, Failed, InvalidInput, NotFound, NotLeader
 from ctl.events import EventBus
 from ctl.keys.manager import KeyManager
 from ctl.paths import Paths
@@ -52,6 +52,7 @@ class Volume:
     id: str
     record: JournalRecord
     child: MountChild | None = None
+    draining: MountChild | None = None
     expected_exit: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
     retry: trio.CancelScope | None = None
@@ -237,6 +238,9 @@ class VolumeManager:
         if role == roles.FOLLOWER and meta.follower_policy == "detached":
             self._journal(vol, desired="mounted", observed="unmounted", role=role)
             return
+        if vol.draining is not None and vol.draining.draining:
+            raise Busy(f"volume {vol.id}: the previous mount still serves open files; "
+                       "attach again once they are closed")
         try:
             passphrase = meta.unseal(self.keys.sdek())
         except MetadataCorrupted as exc:
@@ -346,6 +350,7 @@ class VolumeManager:
                 vol.expected_exit = False
                 raise
             vol.child = None
+            vol.draining = child if child.draining else None
             self._journal(vol, desired=desired, observed="unmounted")
         return self.info(volume_id)
 

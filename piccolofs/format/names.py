@@ -18,6 +18,8 @@ NAME_MAX = 255
 DIRIV_NAME = b"gocryptfs.diriv"
 DIRIV_LEN = 16
 CONF_NAME = b"gocryptfs.conf"
+# The Piccolo daemon keeps each volume's sealed key beside gocryptfs.conf in the root.
+VOLUME_KEY_NAME = b"piccolo.volume.json"
 LONGNAME_PREFIX = b"gocryptfs.longname."
 LONGNAME_SUFFIX = b".name"
 RMDIR_ARTIFACT_PREFIX = b"gocryptfs.diriv.rmdir."
@@ -142,10 +144,12 @@ class NameCodec:
 
     def is_hidden(self, backing: bytes, in_root: bool) -> bool:
         """Backing entries that are metadata, never shown as files."""
+        if in_root and backing in (CONF_NAME, VOLUME_KEY_NAME):
+            return True
         if self.plaintext_names:
-            return in_root and backing == CONF_NAME
+            return False
         return (
-            backing in (DIRIV_NAME, CONF_NAME)
+            backing == DIRIV_NAME
             or is_longname_companion(backing)
             or backing.startswith(RMDIR_ARTIFACT_PREFIX)
         )

@@ -23,7 +23,6 @@ from piccolofs.backing import dirs, syscalls
 from piccolofs.format.content import BlockAuthError
 from piccolofs.format.errors import CorruptHeader, FormatError
 from piccolofs.format.names import (
-    CONF_NAME,
     DIRIV_NAME,
     NAME_MAX,
     RMDIR_ARTIFACT_PREFIX,
@@ -119,7 +118,8 @@ class PiccoloOperations(pyfuse3.Operations):
     def _bname(self, parent: Inode, name: bytes, creating: bool = False) -> BackingName:
         if len(name) > NAME_MAX:
             raise fail(errno.ENAMETOOLONG)
-        if self.names.plaintext_names and parent.node == ROOT and name == CONF_NAME:
+        if self.names.plaintext_names and parent.node == ROOT and \
+                self.names.is_hidden(name, in_root=True):
             raise fail(errno.EPERM if creating else errno.ENOENT)
         return self.names.backing_name(self._diriv(parent), name)
 
