@@ -399,3 +399,41 @@ def test_no_module_spells_the_default_state_dir() -> None:
     offenders += [str(p.relative_to(root)) for p in (root / "piccolofs").rglob("*.py")
                   if "/var/lib/piccolod" in p.read_text()]
     assert offenders == []
+
+
+def test_failed_unlock_rolls_back_completely(daemon: Daemon) -> None:
+    d = daemon
+    d.setup_and_unlock()
+    d.call("POST", "/crypto/lock")
+    meta = d.state / "ciphertext" / "control" / "piccolo.volume.json"
+    good = meta.read_bytes()
+    obj = json.loads(good)
+    obj["nonce"] = "AAAAAAAAAAAAAAAA"  # 12 bytes, wrong: the key will not open
+    meta.write_text(json.dumps(obj))
+    d.call("POST", "/crypto/lock")  # idempotent while locked
+    bootstrap_pid = d.volume("bootstrap")["pid"]
+    err = d.error("POST", "/crypto/unlock", {"password": PASSWORD})
+    assert err.status == 500 and "rolled back" in str(err)
+    assert d.call("GET", "/crypto/status")["locked"] is True  # no half-unlocked state
+    assert not is_mounted(d.mount("control"))
+    assert d.volume("bootstrap")["pid"] == bootstrap_pid  # kept: it was mounted before
+    j = d.journal("control")
+    assert j["needs_repair"] and "does not open" in j["last_error"]
+    meta.write_bytes(good)
+    d.call("POST", "/crypto/unlock", {"password": PASSWORD})
+    assert not d.volume("control")["needs_repair"]
+
+
+def test_ensure_survives_a_crash_between_steps(unlocked: Daemon) -> None:
+    d = unlocked
+    cipher_root = d.state / "ciphertext"
+    (cipher_root / ".half.init-0000").mkdir()  # what a crash during creation leaves
+    (cipher_root / ".half.init-0000" / "gocryptfs.conf").write_text("{}")
+    d.call("POST", "/volumes", {"id": "half"})
+    assert not (cipher_root / ".half.init-0000").exists()
+    assert (cipher_root / "half" / "piccolo.volume.json").exists()
+    (cipher_root / "keyless").mkdir()  # a cipher dir whose key is gone is reported, not reused
+    (cipher_root / "keyless" / "gocryptfs.conf").write_text("{}")
+    err = d.error("POST", "/volumes", {"id": "keyless"})
+    assert err.status == 500 and "key is missing" in str(err)
+    assert (cipher_root / "keyless" / "gocryptfs.conf").read_text() == "{}"  # untouched
