@@ -245,12 +245,32 @@ def cmd_events(c: Client, args: argparse.Namespace) -> int:
 
 def cmd_health(c: Client, args: argparse.Namespace) -> int:
     h = c.call("GET", "/health")
+    ch = h["control_health"]
     lines = [f"status: {h['status']}",
-             f"crypto: {'locked' if h['crypto']['locked'] else 'unlocked'}"]
+             f"crypto: {'locked' if h['crypto']['locked'] else 'unlocked'}",
+             f"control store: {ch['status']} ({ch['message']}, checked {ch['checked_at']})"]
     lines += [f"volume {k}: {v}" for k, v in sorted(h["volumes"].items())]
     if h["needs_repair"]:
         lines.append("needs repair: " + ", ".join(h["needs_repair"]))
     _print(args, h, "\n".join(lines))
+    return OK
+
+
+def cmd_store(c: Client, args: argparse.Namespace) -> int:
+    if args.action == "status":
+        res = c.call("GET", "/store")
+        h = res["health"]
+        _print(args, res, f"revision {res['revision']} ({res['checksum'][:16] or '-'}) "
+               f"role {res['role']}{' read-only' if res['read_only'] else ''}; "
+               f"health {h['status']}: {h['message']}")
+    elif args.action == "check":
+        res = c.call("POST", "/store/check")
+        _print(args, res, f"{res['status']}: {res['message']}")
+    else:
+        rows = c.call("GET", f"/store/audit?since={args.since}&limit=1000")["audit"]
+        _print(args, rows, "\n".join(f"{r['seq']:>6} {r['time']} {r['kind']:<28} {r['source']} "
+                                     f"{json.dumps(r['data'], sort_keys=True)}" for r in rows)
+               or "no audit records")
     return OK
 
 
@@ -315,6 +335,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--topic", action="append", help="only this topic (repeatable)")
     e.add_argument("--since", type=int, default=0, help="events after this sequence number")
     sub.add_parser("health")
+    st = sub.add_parser("store", help="the control store")
+    st.add_argument("action", choices=["status", "check", "audit"])
+    st.add_argument("--since", type=int, default=0, help="audit records after this one")
     ld = sub.add_parser("leadership")
     ld.add_argument("resource", nargs="?")
     ld.add_argument("role", nargs="?", choices=["leader", "follower"])
@@ -324,7 +347,7 @@ def _parser() -> argparse.ArgumentParser:
 COMMANDS = {"status": cmd_status, "setup": cmd_setup, "unlock": cmd_unlock,
             "lock": cmd_lock, "reset-password": cmd_reset_password, "passwd": cmd_passwd,
             "recovery-key": cmd_recovery_key, "volume": cmd_volume, "events": cmd_events,
-            "health": cmd_health, "leadership": cmd_leadership}
+            "health": cmd_health, "store": cmd_store, "leadership": cmd_leadership}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

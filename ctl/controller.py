@@ -1,9 +1,10 @@
 """Unlock and lock as all-or-nothing transitions, in the order the architecture fixes.
 
     unlock: SDEK in memory -> bootstrap (leader) -> control (leader RW / follower RO)
-            -> application volumes whose intent is mounted -> lock_state_changed{false}
-    lock:   detach application volumes and control (intent kept) -> zero SDEK
-            -> lock_state_changed{true}; bootstrap stays mounted
+            -> control store opened -> application volumes whose intent is mounted
+            -> lock_state_changed{false}
+    lock:   control store closed (TRUNCATE checkpoint) -> detach application volumes and
+            control (intent kept) -> zero SDEK -> lock_state_changed{true}; bootstrap stays
 
 A failure while bringing up the core volumes rolls back what this attempt mounted, forgets
 the SDEK and reports one error: there is no half-unlocked state. Application volumes that
@@ -22,6 +23,7 @@ from ctl.errors import CtlError, Failed, Locked, NotInitialized
 from ctl.events import EventBus
 from ctl.keys.manager import KeyManager
 from ctl.paths import BOOTSTRAP, CONTROL
+from ctl.store.store import ControlStore
 from ctl.volumes.manager import VolumeManager
 
 log = logging.getLogger("ctl.controller")
@@ -31,9 +33,10 @@ CORE = {BOOTSTRAP: "bootstrap", CONTROL: "control"}
 
 class Controller:
     def __init__(self, keys: KeyManager, volumes: VolumeManager, bus: EventBus,
-                 registry: roles.LeadershipRegistry) -> None:
+                 registry: roles.LeadershipRegistry, store: ControlStore) -> None:
         self.keys = keys
         self.volumes = volumes
+        self.store = store
         self.bus = bus
         self.registry = registry
         self._transition = trio.Lock()
@@ -66,7 +69,10 @@ class Controller:
             attached: list[str] = []
             try:
                 await self._bring_up_core(attached)
+                await self.store.open()
             except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    await self.store.close()
                 await self._roll_back(attached)
                 self.keys.lock()
                 if isinstance(exc, CtlError):
@@ -105,6 +111,7 @@ class Controller:
             if self.keys.locked:
                 return
             with trio.CancelScope(shield=True):
+                await self.store.close()
                 await self.volumes.detach_all(keep=frozenset({BOOTSTRAP}), lazy=True)
                 self.keys.lock()
             self.bus.publish("lock_state_changed", {"locked": True})
@@ -113,6 +120,7 @@ class Controller:
         """SIGTERM: detach everything (intent kept for the next start), forget keys."""
         async with self._transition:
             with trio.CancelScope(shield=True):
+                await self.store.close()
                 await self.volumes.detach_all(lazy=True)
                 if not self.keys.locked:
                     self.keys.lock()

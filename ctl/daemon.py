@@ -8,6 +8,7 @@ volume (the journal keeps their intent for the next start), forget the SDEK, exi
 from __future__ import annotations
 
 import argparse
+import collections
 import fcntl
 import logging
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -26,6 +28,8 @@ from ctl.keys.keyset import KdfParams
 from ctl.keys.manager import KeyManager
 from ctl.paths import Paths
 from ctl.roles import LocalRegistry
+from ctl.store.repos import AuditRepo
+from ctl.store.store import ControlStore
 from ctl.volumes.manager import VolumeManager
 
 log = logging.getLogger("ctl.daemon")
@@ -60,17 +64,44 @@ def take_lock(paths: Paths) -> int:
     return fd
 
 
-async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int) -> None:
+async def persist_audit(bus: EventBus, store: ControlStore) -> None:
+    """Audit events become rows of the append-only audit table. Events that happen while
+    the store cannot take them (locked, follower) wait in memory and are written at the
+    next unlock."""
+    audit = AuditRepo(store)
+    pending: collections.deque[dict[str, Any]] = collections.deque(maxlen=1024)
+    async for event in bus.subscribe(["audit", "lock_state_changed"], capacity=1024):
+        if event.topic == "audit":
+            pending.append(dict(event.data))
+        elif event.topic == "gap":
+            log.warning("%d audit events were dropped before they could be stored",
+                        event.data.get("missed", 0))
+        while pending and not store.locked and not store.read_only:
+            item = pending[0]
+            data = {k: v for k, v in item.items() if k not in ("kind", "client")}
+            try:
+                await audit.append(str(item.get("kind", "unknown")),
+                                   str(item.get("client", "")), data)
+            except Exception as exc:
+                log.warning("could not persist audit event %s: %s", item.get("kind"), exc)
+                break
+            pending.popleft()
+
+
+async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval: float) -> None:
     bus = EventBus()
     registry = LocalRegistry(bus)
     keys = KeyManager(paths, kdf)
     volumes = VolumeManager(paths, keys, bus, registry, scrypt_log_n=scrypt_log_n)
-    controller = Controller(keys, volumes, bus, registry)
-    api = Api(controller, volumes, bus, registry)
+    store = ControlStore(paths.control_db, bus, registry, check_interval=check_interval)
+    controller = Controller(keys, volumes, bus, registry, store)
+    api = Api(controller, volumes, bus, registry, store)
     server = ApiServer(paths.socket, api.dispatch)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(volumes.run)
+            await nursery.start(store.run)
+            nursery.start_soon(persist_audit, bus, store)
             await controller.start()
             await nursery.start(server.serve)
             log.info("serving %s (state %s)", paths.socket, paths.state)
@@ -94,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kdf-threads", type=int, default=KdfParams().threads)
     p.add_argument("--volume-scryptn", type=int, default=16,
                    help="scrypt cost (log2 N) for new volumes' gocryptfs.conf")
+    p.add_argument("--store-check-interval", type=float, default=300.0, metavar="S",
+                   help="seconds between quick_checks of the control store")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -108,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         trio.run(serve, paths, KdfParams(args.kdf_time, args.kdf_memory, args.kdf_threads),
-                 args.volume_scryptn)
+                 args.volume_scryptn, args.store_check_interval)
     finally:
         os.close(lock_fd)
     return 0

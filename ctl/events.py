@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,12 @@ class EventBus:
         self._seq = 0
         self._history: collections.deque[Event] = collections.deque(maxlen=history)
         self._subs: set[Subscription] = set()
+        self._listeners: list[tuple[frozenset[str], Callable[[Event], None]]] = []
+
+    def listen(self, topics: Iterable[str], callback: Callable[[Event], None]) -> None:
+        """A synchronous listener, called inside publish(): for state that must change in
+        the same step as the event (gates). It must not block or raise."""
+        self._listeners.append((frozenset(topics), callback))
 
     @property
     def last_seq(self) -> int:
@@ -115,6 +121,9 @@ class EventBus:
         self._seq += 1
         event = Event(self._seq, topic, utc_now(), dict(data))
         self._history.append(event)
+        for topics, callback in self._listeners:
+            if topic in topics:
+                callback(event)
         for sub in list(self._subs):
             if sub.wants(topic):
                 sub.offer(event)

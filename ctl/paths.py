@@ -61,6 +61,10 @@ class Paths:
         return self.mounts_dir / volume_id
 
     @property
+    def control_db(self) -> Path:
+        return self.mount(CONTROL) / "control.db"
+
+    @property
     def exports_dir(self) -> Path:
         return self.state / "exports"
 

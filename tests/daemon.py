@@ -153,3 +153,24 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def volume_passphrase(state: Path, vid: str, password: str = PASSWORD) -> bytes:
+    """White-box: what the daemon unseals for volume `vid` (to mount it a second time, as
+    another node or an operator with the keys would)."""
+    from ctl.keys.keyset import Keyset
+    from ctl.volumes.metadata import VolumeMeta
+
+    keyset = Keyset.parse((state / "crypto" / "keyset.json").read_bytes())
+    sdek = keyset.open_with_password(password.encode())
+    meta = VolumeMeta.parse((state / "ciphertext" / vid / "piccolo.volume.json").read_bytes())
+    return bytes(meta.unseal(bytes(sdek)))
+
+
+def second_mount(state: Path, vid: str, where: Path, ro: bool = False) -> Any:
+    """A separate piccolofs mount of a daemon volume (another node's view of the same tree)."""
+    from tests.mounts import PiccoloMount
+
+    passfile = where.parent / f"{where.name}.pass"
+    passfile.write_bytes(volume_passphrase(state, vid) + b"\n")
+    return PiccoloMount(state / "ciphertext" / vid, where, passfile, ro=ro)

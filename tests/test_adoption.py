@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import secrets
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -30,6 +31,40 @@ def _raw64(data: bytes) -> str:
 def _argon(secret: bytes, salt: bytes) -> bytes:
     return hash_secret_raw(secret, salt, time_cost=1, memory_cost=8192, parallelism=1,
                            hash_len=32, type=Type.ID)
+
+
+GO_SCHEMA = """
+CREATE TABLE meta (id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL DEFAULT 0,
+    checksum TEXT NOT NULL DEFAULT '', updated_at TEXT NOT NULL DEFAULT '');
+CREATE TABLE auth_state (id INTEGER PRIMARY KEY CHECK (id = 1),
+    initialized INTEGER NOT NULL DEFAULT 0, password_hash TEXT,
+    updated_at TEXT NOT NULL DEFAULT '');
+CREATE TABLE remote_config (id INTEGER PRIMARY KEY CHECK (id = 1), payload BLOB NOT NULL,
+    updated_at TEXT NOT NULL);
+CREATE TABLE apps (name TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at TEXT NOT NULL);
+ALTER TABLE auth_state ADD COLUMN password_stale INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE auth_state ADD COLUMN password_stale_at TEXT NOT NULL DEFAULT '';
+ALTER TABLE auth_state ADD COLUMN password_ack_at TEXT NOT NULL DEFAULT '';
+ALTER TABLE auth_state ADD COLUMN recovery_stale INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE auth_state ADD COLUMN recovery_stale_at TEXT NOT NULL DEFAULT '';
+ALTER TABLE auth_state ADD COLUMN recovery_ack_at TEXT NOT NULL DEFAULT '';
+INSERT INTO meta VALUES (1, 4, 'go-written-checksum', '2025-11-18T10:00:00Z');
+INSERT INTO auth_state (id, initialized, password_hash, updated_at, recovery_stale,
+    recovery_stale_at) VALUES (1, 1, 'argon2id$v=19$m=65536,t=3,p=1$c2FsdA$aGFzaA',
+    '2025-11-18T10:00:00Z', 1, '2025-11-13T09:00:00Z');
+INSERT INTO remote_config VALUES (1, CAST('{"endpoint": "https://nexus.example",
+    "enabled": true}' AS BLOB), '2025-11-18T10:00:00Z');
+INSERT INTO apps VALUES ('legacy-app', CAST('{"Name":"legacy-app"}' AS BLOB),
+    '2025-11-18T10:00:00Z');
+PRAGMA user_version = 1;
+"""
+
+
+def write_go_control_db(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(GO_SCHEMA)
+    db.close()
 
 
 def write_go_state(state: Path) -> tuple[bytes, str]:
@@ -65,6 +100,8 @@ def write_go_state(state: Path) -> tuple[bytes, str]:
         pf.write_text(passphrase + "\n")
         with GocryptfsMount(cipher, state.parent / f"go-{vid}", pf) as g:
             (g.mnt / "written-by-piccolod.txt").write_text(f"{vid} data from the Go daemon")
+            if vid == "control":
+                write_go_control_db(g.mnt / "control.db")
         (state / "mounts" / vid).mkdir(parents=True)
         (state / "volumes" / vid).mkdir(parents=True)
         journal = {"desired_state": "mounted", "observed_state": "mounted", "role": "leader",
@@ -88,6 +125,14 @@ def test_go_state_dir_is_adopted(tmp_path: Path) -> None:
             assert (d.mount(vid) / "written-by-piccolod.txt").read_text() == \
                 f"{vid} data from the Go daemon"
             assert d.volume(vid)["observed_state"] == "mounted"
+        store = d.call("GET", "/store")
+        assert store["schema_version"] == 2 and store["revision"] >= 4  # migrated forward
+        assert d.call("GET", "/store/apps")["apps"] == [{"Name": "legacy-app"}]
+        assert d.call("GET", "/store/remote")["endpoint"] == "https://nexus.example"
+        auth = d.call("GET", "/store/auth")
+        assert auth["initialized"] and auth["recovery_stale"] and auth["password_set"]
+        d.call("PUT", "/store/apps/new-app", {"Version": "1"})
+        assert d.call("GET", "/store")["revision"] > store["revision"]
         (d.mount("control") / "written-by-piccolo-ctld.txt").write_text("new")
         d.call("POST", "/crypto/lock")
         d.call("POST", "/crypto/unlock", {"recovery_key": rk_words})  # 24 words, no checksum

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,15 @@ from ctl.controller import Controller
 from ctl.errors import InvalidInput, NotFound
 from ctl.events import EventBus
 from ctl.roles import ROLES, LeadershipRegistry
+from ctl.store.repos import (
+    APP_FIELDS,
+    REMOTE_SCHEMA,
+    AppStateRepo,
+    AuditRepo,
+    AuthRepo,
+    RemoteRepo,
+)
+from ctl.store.store import ControlStore
 from ctl.volumes.manager import VolumeManager
 from ctl.volumes.metadata import CLASSES, CLUSTER_MODES, FOLLOWER_POLICIES
 
@@ -72,11 +82,18 @@ BOOL = {"type": "boolean"}
 
 class Api:
     def __init__(self, controller: Controller, volumes: VolumeManager, bus: EventBus,
-                 registry: LeadershipRegistry) -> None:
+                 registry: LeadershipRegistry, store: ControlStore) -> None:
         self.ctl = controller
         self.volumes = volumes
         self.bus = bus
         self.registry = registry
+        self.store = store
+        self.auth = AuthRepo(store)
+        self.remote = RemoteRepo(store)
+        self.apps = AppStateRepo(store)
+        self.audit = AuditRepo(store)
+        s = f"{API}/store"
+        staleness = {k: (BOOL if k.endswith("_stale") else STR) for k in AuthRepo.STALENESS}
         v = f"{API}/volumes/{{id}}"
         role_body = _schema(["role"], role={"enum": list(ROLES)})
         self.routes = [
@@ -121,6 +138,27 @@ class Api:
                   _schema(["resource", "role"], resource=STR, role={"enum": list(ROLES)})),
             Route("GET", f"{API}/events", self.events,
                   "Events as NDJSON (?topic=T&since=SEQ&follow=1)"),
+            Route("GET", s, self.store_status, "Revision, checksum, role and health"),
+            Route("POST", f"{s}/check", self.store_check,
+                  "Run quick_check now (a leader repairs what it finds)"),
+            Route("GET", f"{s}/auth", self.auth_get, "Auth state (never the hash)"),
+            Route("POST", f"{s}/auth/initialized", self.auth_initialized,
+                  "Mark auth initialized (no-op when it is)"),
+            Route("PUT", f"{s}/auth/password-hash", self.auth_hash, "Store the admin hash",
+                  _schema(["password_hash"], password_hash=STR)),
+            Route("POST", f"{s}/auth/staleness", self.auth_staleness,
+                  "Partial update of the staleness flags", _schema([], **staleness)),
+            Route("GET", f"{s}/remote", self.remote_get, "The remote configuration"),
+            Route("PUT", f"{s}/remote", self.remote_put, "Replace the remote configuration",
+                  {"type": "object", "required": [],
+                   "properties": {k: {} for k in REMOTE_SCHEMA}}),
+            Route("GET", f"{s}/apps", self.apps_list, "App records"),
+            Route("GET", f"{s}/apps/{{name}}", self.apps_get, "One app record"),
+            Route("PUT", f"{s}/apps/{{name}}", self.apps_put, "Create or replace an app record",
+                  {"type": "object", "required": [],
+                   "properties": {k: {} for k in APP_FIELDS}}),
+            Route("DELETE", f"{s}/apps/{{name}}", self.apps_delete, "Delete an app record"),
+            Route("GET", f"{s}/audit", self.audit_list, "Audit log (?since=SEQ&limit=N)"),
         ]
         self._compiled = [(r, r.pattern) for r in self.routes]
 
@@ -133,8 +171,8 @@ class Api:
                 continue
             allowed.append(route.method)
             if route.method == req.method:
-                req.params = m.groupdict()
-                if route.body is not None or req.method == "POST":
+                req.params = {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+                if route.body is not None or req.method in ("POST", "PUT"):
                     body = req.json()
                     if route.body is not None:
                         unknown = set(body) - set(route.body["properties"])
@@ -157,9 +195,11 @@ class Api:
         vols = self.volumes.list()
         broken = [v["id"] for v in vols if v["needs_repair"] or v["observed_state"] == "error"]
         status = self.ctl.status()
+        store_bad = self.store.health["status"] in ("degraded", "error")
         return Response(200, {
-            "status": "degraded" if broken else "ok",
+            "status": "degraded" if broken or store_bad else "ok",
             "crypto": status,
+            "control_health": self.store.health,
             "volumes": {v["id"]: v["observed_state"] for v in vols},
             "needs_repair": broken,
             "last_event_seq": self.bus.last_seq,
@@ -296,6 +336,56 @@ class Api:
                 yield _line(event)
         finally:
             self.bus.unsubscribe(sub)
+
+
+    # -- control store -------------------------------------------------------------------
+    async def store_status(self, req: Request) -> Response:
+        return Response(200, await self.store.status())
+
+    async def store_check(self, req: Request) -> Response:
+        self.store._require_open()
+        return Response(200, await self.store.check())
+
+    async def auth_get(self, req: Request) -> Response:
+        return Response(200, await self.auth.get())
+
+    async def auth_initialized(self, req: Request) -> Response:
+        return Response(200, {"changed": await self.auth.set_initialized()})
+
+    async def auth_hash(self, req: Request) -> Response:
+        await self.auth.save_password_hash(_field(req.json(), "password_hash", str))
+        return Response(200, {"message": "ok"})
+
+    async def auth_staleness(self, req: Request) -> Response:
+        return Response(200, {"changed": await self.auth.update_staleness(req.json())})
+
+    async def remote_get(self, req: Request) -> Response:
+        return Response(200, await self.remote.get())
+
+    async def remote_put(self, req: Request) -> Response:
+        await self.remote.save(req.json())
+        return Response(200, {"message": "ok"})
+
+    async def apps_list(self, req: Request) -> Response:
+        return Response(200, {"apps": await self.apps.list()})
+
+    async def apps_get(self, req: Request) -> Response:
+        return Response(200, await self.apps.get(req.params["name"]))
+
+    async def apps_put(self, req: Request) -> Response:
+        return Response(200, await self.apps.upsert(req.params["name"], req.json()))
+
+    async def apps_delete(self, req: Request) -> Response:
+        await self.apps.delete(req.params["name"])
+        return Response(200, {"message": "ok"})
+
+    async def audit_list(self, req: Request) -> Response:
+        try:
+            since = int(req.arg("since") or 0)
+            limit = int(req.arg("limit") or 100)
+        except ValueError:
+            raise InvalidInput("since and limit must be integers") from None
+        return Response(200, {"audit": await self.audit.list(since, limit)})
 
 
 def _line(event: ev.Event) -> bytes:

@@ -92,6 +92,12 @@ class PiccoloOperations(pyfuse3.Operations):
         """Flip the gate live; mutations already running finish, new ones see EROFS."""
         self.read_only = read_only
 
+    @property
+    def cache_timeout(self) -> float:
+        """A follower's backing store changes underneath it (the leader writes, replication
+        delivers), so a follower lets the kernel cache nothing; a leader is the only writer."""
+        return 0.0 if self.read_only else self.timeout
+
     def _writable(self) -> None:
         if self.read_only:
             raise fail(errno.EROFS)
@@ -147,8 +153,7 @@ class PiccoloOperations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino.node
         a.generation = 0
-        a.entry_timeout = self.timeout
-        a.attr_timeout = self.timeout
+        a.entry_timeout = a.attr_timeout = self.cache_timeout
         a.st_mode = st.st_mode
         a.st_nlink = st.st_nlink
         a.st_uid = st.st_uid
@@ -539,7 +544,7 @@ class PiccoloOperations(pyfuse3.Operations):
             raise
         ino.open_handles += 1
         fh = self._new_id(FileHandle(ino, fd, bool(flags & os.O_APPEND), writable))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not self.read_only)
 
     @fuse_op
     async def read(self, fh: int, off: int, size: int) -> bytes:

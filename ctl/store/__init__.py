@@ -1,0 +1,1 @@
+"""The control store: one SQLite database on the encrypted control volume."""
