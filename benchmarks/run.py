@@ -1,0 +1,174 @@
+"""piccolofs vs gocryptfs vs a plain directory, side by side, in one run.
+
+    python -m benchmarks.run                 # full suite on tmpfs (~20 min)
+    python -m benchmarks.run --quick         # smaller sizes, 1 repetition (~3 min)
+    python -m benchmarks.run --disk /var/tmp --only sequential,sqlite_wal
+
+Every workload runs on the three targets in rotating order (A B C, B C A, ...) for each
+repetition; the report gives medians, the speed ratio piccolofs/gocryptfs (>1 = faster) and
+each mount process's peak RSS and CPU seconds per workload. Results are also written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks import workloads as w
+from benchmarks.targets import Target, backing_store, target
+
+TARGETS = ("plain", "piccolofs", "gocryptfs")
+HERE = Path(__file__).resolve().parent
+SDIST = "Django==5.1.4"
+
+
+def fetch_tarball() -> Path | None:
+    cache = HERE / "cache"
+    cache.mkdir(exist_ok=True)
+    found = sorted(cache.glob("*.tar.gz"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--no-binary", ":all:", "-d", str(cache), SDIST],
+                       capture_output=True, timeout=300, check=False)
+        found = sorted(cache.glob("*.tar.gz"))
+    return found[0] if found else None
+
+
+def suite(quick: bool, tarball: Path | None) -> dict[str, Callable[[Target], w.Metrics]]:
+    s: dict[str, Callable[[Target], w.Metrics]] = {
+        "sequential": lambda t: w.sequential(t, 128 if quick else 512),
+        "random_io": lambda t: w.random_io(t, 3 if quick else 5),
+        "small_files": lambda t: w.small_files(t, 2000 if quick else 5000),
+        "sqlite_wal": lambda t: w.sqlite_wal(t, 5000 if quick else 20000),
+        "store_commits": lambda t: w.store_commits(t, 200 if quick else 500),
+        "dir_scaling": lambda t: w.dir_scaling(t, (1000, 10000) if quick
+                                               else (1000, 10000, 100000)),
+        "file_scaling": lambda t: w.file_scaling(t, (1, 64, 256) if quick
+                                                 else (1, 64, 1024, 8192)),
+        "parallel_readers": lambda t: w.parallel_readers(t, 64 if quick else 256),
+    }
+    if tarball is not None:
+        s["source_tree"] = lambda t: w.source_tree(t, tarball)
+    return s
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
+    versions = {}
+    for name, cmd in (("gocryptfs", ["gocryptfs", "-version"]), ("fio", ["fio", "--version"])):
+        try:
+            versions[name] = subprocess.run(cmd, capture_output=True, text=True
+                                            ).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            versions[name] = "?"
+    return {"cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
+            "memory_gib": round(mem / 1024 / 1024, 1), "kernel": platform.release(),
+            "python": platform.python_version(), **versions}
+
+
+def run(reps: int, quick: bool, only: set[str] | None, disk: str | None) -> dict[str, Any]:
+    tarball = fetch_tarball()
+    work = suite(quick, tarball)
+    if only:
+        work = {k: v for k, v in work.items() if k in only}
+    samples: dict[str, dict[str, dict[str, list[float]]]] = {}
+    process: dict[str, dict[str, dict[str, float]]] = {}
+    with backing_store(disk) as base:
+        for name, fn in work.items():
+            for rep in range(reps):
+                order = TARGETS[rep % 3:] + TARGETS[:rep % 3]
+                for kind in order:
+                    with target(kind, base) as tgt:
+                        tgt.reset_peak_rss()
+                        cpu0 = tgt.cpu_seconds()
+                        start = time.perf_counter()
+                        metrics = fn(tgt)
+                        wall = time.perf_counter() - start
+                        rss, cpu1 = tgt.peak_rss(), tgt.cpu_seconds()
+                    for metric, value in metrics.items():
+                        samples.setdefault(name, {}).setdefault(metric, {}).setdefault(
+                            kind, []).append(value)
+                    if rss is not None and cpu0 is not None and cpu1 is not None:
+                        p = process.setdefault(name, {}).setdefault(kind, {})
+                        p["peak_rss_mib"] = max(p.get("peak_rss_mib", 0), rss / 2**20)
+                        p["cpu_s"] = p.get("cpu_s", 0) + (cpu1 - cpu0) / reps
+                    print(f"  {name:<17} {kind:<10} rep {rep + 1}: {wall:6.1f} s", flush=True)
+    results: dict[str, Any] = {"machine": machine(), "reps": reps, "quick": quick,
+                               "backing": disk or "tmpfs", "tarball": tarball.name if tarball
+                               else None, "workloads": {}, "process": process,
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for name, metrics in samples.items():
+        table = {}
+        for metric, by_kind in metrics.items():
+            med = {k: statistics.median(v) for k, v in by_kind.items()}
+            row: dict[str, Any] = {"median": med}
+            if med.get("gocryptfs") and med.get("piccolofs"):
+                better = w.higher_is_better(metric)
+                row["vs_gocryptfs"] = (med["piccolofs"] / med["gocryptfs"] if better
+                                       else med["gocryptfs"] / med["piccolofs"])
+            table[metric] = row
+        results["workloads"][name] = table
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel "
+             f"{m['kernel']}, Python {m['python']}, {m['gocryptfs']}; backing "
+             f"{results['backing']}; medians of {results['reps']} rep(s); {results['date']}.",
+             "", "| workload | metric | plain | piccolofs | gocryptfs | piccolofs vs gocryptfs |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, table in results["workloads"].items():
+        for metric, row in table.items():
+            med = row["median"]
+            ratio = row.get("vs_gocryptfs")
+            lines.append(f"| {name} | {metric} | " + " | ".join(
+                f"{med[k]:.4g}" if k in med else "–" for k in TARGETS)
+                + f" | {f'{ratio:.2f}×' if ratio else '–'} |")
+    lines += ["", "Mount process per workload (peak RSS MiB / CPU s):", "",
+              "| workload | piccolofs | gocryptfs |", "|---|---:|---:|"]
+    for name, kinds in results["process"].items():
+        cells = [f"{kinds[k]['peak_rss_mib']:.0f} / {kinds[k]['cpu_s']:.1f}" if k in kinds
+                 else "–" for k in ("piccolofs", "gocryptfs")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Ratios are speed ratios from this one run (>1: piccolofs faster).")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", help="comma-separated workloads")
+    p.add_argument("--disk", help="run on a directory of this disk instead of tmpfs")
+    p.add_argument("--json", help="write results here (default benchmarks/results/…)")
+    p.add_argument("--markdown", help="also write the table as Markdown here")
+    args = p.parse_args()
+    reps = args.reps or (1 if args.quick else 3)
+    only = set(args.only.split(",")) if args.only else None
+    results = run(reps, args.quick, only, args.disk)
+    out = Path(args.json) if args.json else HERE / "results" / time.strftime(
+        "%Y%m%dT%H%M%S.json", time.gmtime())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    print("\n" + table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
