@@ -61,9 +61,11 @@ def suite(quick: bool, tarball: Path | None) -> dict[str, Callable[[Target], w.M
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor())
-    mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")),
+               platform.processor())
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem = next(int(ln.split()[1]) for ln in meminfo if ln.startswith("MemTotal"))
     versions = {}
     for name, cmd in (("gocryptfs", ["gocryptfs", "-version"]), ("fio", ["fio", "--version"])):
         try:
@@ -133,13 +135,13 @@ def markdown(results: dict[str, Any]) -> str:
             med = row["median"]
             ratio = row.get("vs_gocryptfs")
             lines.append(f"| {name} | {metric} | " + " | ".join(
-                f"{med[k]:.4g}" if k in med else "–" for k in TARGETS)
-                + f" | {f'{ratio:.2f}×' if ratio else '–'} |")
+                f"{med[k]:.4g}" if k in med else "-" for k in TARGETS)
+                + f" | {f'{ratio:.2f}x' if ratio else '-'} |")
     lines += ["", "Mount process per workload (peak RSS MiB / CPU s):", "",
               "| workload | piccolofs | gocryptfs |", "|---|---:|---:|"]
     for name, kinds in results["process"].items():
         cells = [f"{kinds[k]['peak_rss_mib']:.0f} / {kinds[k]['cpu_s']:.1f}" if k in kinds
-                 else "–" for k in ("piccolofs", "gocryptfs")]
+                 else "-" for k in ("piccolofs", "gocryptfs")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Ratios are speed ratios from this one run (>1: piccolofs faster).")

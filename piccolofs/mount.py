@@ -34,6 +34,10 @@ from piccolofs.fs.operations import PiccoloOperations
 log = logging.getLogger("piccolofs.mount")
 
 READY_TIMEOUT = 30.0
+# Handlers finish without yielding (only fsync waits, in a thread), so a small fixed pool
+# of request readers suffices; keeping it warm avoids spawning a task per request.
+MIN_TASKS = 4
+MAX_TASKS = 16
 
 
 @dataclass
@@ -63,10 +67,24 @@ def _fuse_options(opts: MountOptions) -> set[str]:
 
 
 def _raise_fd_limit() -> None:
-    """Every inode the kernel knows pins one O_PATH fd: allow as many as the system does."""
+    """Every inode the kernel knows pins one O_PATH fd: allow as many as the system does
+    (root may raise the hard limit up to fs.nr_open; others get their hard limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = hard
+    for want in (max(ceiling, hard), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            break
+        except (ValueError, OSError):
+            continue
+    new_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if new_soft < 65536:
+        log.warning("file descriptor limit is %d (was %d): large directories may fail with "
+                    "EMFILE", new_soft, soft)
 
 
 class Session:
@@ -196,7 +214,7 @@ class Session:
                 nursery.start_soon(self._serve_ctl)
                 nursery.start_soon(self._pump_events)
             nursery.start_soon(self._announce_ready)
-            await pyfuse3.main()
+            await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
 
 

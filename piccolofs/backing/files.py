@@ -18,6 +18,22 @@ from piccolofs.format.content import (
 )
 from piccolofs.format.errors import CorruptHeader
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _pwritev_all(fd: int, parts: list[bytes], offset: int) -> None:
+    """Write the pieces back to back without joining them first; short writes continue."""
+    for start in range(0, len(parts), IOV_MAX):
+        chunk = parts[start : start + IOV_MAX]
+        want = sum(map(len, chunk))
+        done = os.pwritev(fd, chunk, offset)
+        if done != want:
+            rest = memoryview(b"".join(chunk))[done:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + done)
+                rest, done = rest[n:], done + n
+        offset += want
+
 
 class CryptFile:
     """Content state of one inode, shared by all its open handles."""
@@ -71,7 +87,8 @@ class CryptFile:
         return self._read_blocks(fd, block, block, cipher_size)
 
     # -- operations ----------------------------------------------------------------------
-    def read(self, fd: int, plain_off: int, size: int) -> bytes:
+    def read(self, fd: int, plain_off: int, size: int) -> bytes | memoryview:
+        """Plaintext of a range; a view (no copy) when the range starts inside a block."""
         cipher_size = os.fstat(fd).st_size
         plain_size = self.layout.plain_size(cipher_size)
         if size <= 0 or plain_off >= plain_size:
@@ -80,7 +97,9 @@ class CryptFile:
         first, last = self.layout.block_range(plain_off, size)
         data = self._read_blocks(fd, first, last, cipher_size)
         skip = plain_off - first * PLAIN_BLOCK
-        return data[skip : skip + size]
+        if skip == 0 and len(data) == size:
+            return data
+        return memoryview(data)[skip : skip + size]
 
     def write(self, fd: int, plain_off: int, data: bytes) -> int:
         if not data:
@@ -115,8 +134,8 @@ class CryptFile:
         if end < block_end:
             base = last * PLAIN_BLOCK
             tail = old_block(last)[end - base : block_end - base]
-        sealed = self.codec.seal_run(first, file_id, head + bytes(data) + tail)
-        os.pwrite(fd, sealed, lay.block_offset(first))
+        plain = data if not head and not tail else head + bytes(data) + tail
+        _pwritev_all(fd, self.codec.seal_parts(first, file_id, plain), lay.block_offset(first))
         return len(data)
 
     def _pad_last_block(self, fd: int, file_id: bytes, plain_size: int,

@@ -37,6 +37,15 @@ class ContentCipher(Protocol):
         """Return the plaintext or raise AuthenticationError; never partial output."""
         ...
 
+    def raw_seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+        """The sealed unit without its nonce (hot path: the caller supplies nonces)."""
+        ...
+
+    def raw_open(self, nonce: bytes | memoryview, body: bytes | memoryview,
+                 aad: bytes) -> bytes:
+        """Open a sealed unit split into nonce and body; raises AuthenticationError."""
+        ...
+
 
 def _check_sealed(sealed: bytes, nonce_len: int) -> None:
     if len(sealed) <= nonce_len + TAG_LEN:
@@ -54,6 +63,16 @@ class AesGcm:
         self._aead = AESGCM(key)
         self.nonce_len = nonce_len
         self.overhead = nonce_len + TAG_LEN
+
+    def raw_seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+        return self._aead.encrypt(nonce, plaintext, aad)
+
+    def raw_open(self, nonce: bytes | memoryview, body: bytes | memoryview,
+                 aad: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(nonce, body, aad)
+        except InvalidTag:
+            raise AuthenticationError("AES-GCM tag mismatch") from None
 
     def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
         nonce = os.urandom(self.nonce_len) if nonce is None else nonce
@@ -76,6 +95,16 @@ class AesSiv:
     def __init__(self, key: bytes) -> None:
         self._aead = AESSIV(key)
 
+    def raw_seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+        return self._aead.encrypt(plaintext, [aad, nonce])
+
+    def raw_open(self, nonce: bytes | memoryview, body: bytes | memoryview,
+                 aad: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(body, [aad, bytes(nonce)])
+        except InvalidTag:
+            raise AuthenticationError("AES-SIV tag mismatch") from None
+
     def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
         nonce = os.urandom(16) if nonce is None else nonce
         return nonce + self._aead.encrypt(plaintext, [aad, nonce])
@@ -95,6 +124,18 @@ class XChaCha20Poly1305:
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+
+    def raw_seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+        return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            bytes(plaintext), aad, nonce, self._key)
+
+    def raw_open(self, nonce: bytes | memoryview, body: bytes | memoryview,
+                 aad: bytes) -> bytes:
+        try:
+            return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                bytes(body), aad, bytes(nonce), self._key)
+        except nacl.exceptions.CryptoError:
+            raise AuthenticationError("XChaCha20-Poly1305 tag mismatch") from None
 
     def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
         nonce = os.urandom(24) if nonce is None else nonce

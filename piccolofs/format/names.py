@@ -26,6 +26,7 @@ RMDIR_ARTIFACT_PREFIX = b"gocryptfs.diriv.rmdir."
 ZERO_IV = bytes(DIRIV_LEN)
 XATTR_TWEAK = b"xattr_name_iv_xx"
 XATTR_PREFIX = "user.gocryptfs."
+NAME_CACHE = 65536  # entries each way; cleared when full
 
 
 def validate_plain(name: bytes) -> None:
@@ -96,6 +97,8 @@ class NameCodec:
         longname_max: int = NAME_MAX,
     ) -> None:
         self._eme = Eme(eme_key)
+        self._enc_cache: dict[tuple[bytes, bytes], bytes] = {}
+        self._dec_cache: dict[tuple[bytes, bytes], bytes] = {}
         self.raw64 = raw64
         self.plaintext_names = plaintext_names
         self.dir_iv = dir_iv and not plaintext_names
@@ -104,12 +107,33 @@ class NameCodec:
 
     # -- names ---------------------------------------------------------------------------
     def encrypt(self, diriv: bytes, plain: bytes) -> bytes:
-        """The full encrypted name (before any long-name hashing)."""
+        """The full encrypted name (before any long-name hashing). Memoised: the mapping
+        is deterministic for a given directory IV, and every lookup needs it."""
+        cached = self._enc_cache.get((diriv, plain))
+        if cached is not None:
+            return cached
         validate_plain(plain)
         sealed = self._eme.encrypt(diriv, pad16(plain))
-        return b64.url_encode(sealed, self.raw64).encode("ascii")
+        cipher = b64.url_encode(sealed, self.raw64).encode("ascii")
+        self._remember(diriv, plain, cipher)
+        return cipher
+
+    def _remember(self, diriv: bytes, plain: bytes, cipher: bytes) -> None:
+        if len(self._enc_cache) >= NAME_CACHE:
+            self._enc_cache.clear()
+            self._dec_cache.clear()
+        self._enc_cache[(diriv, plain)] = cipher
+        self._dec_cache[(diriv, cipher)] = plain
 
     def decrypt(self, diriv: bytes, cipher: bytes) -> bytes:
+        cached = self._dec_cache.get((diriv, cipher))
+        if cached is not None:
+            return cached
+        plain = self._decrypt(diriv, cipher)
+        self._remember(diriv, plain, cipher)
+        return plain
+
+    def _decrypt(self, diriv: bytes, cipher: bytes) -> bytes:
         raw = b64.url_decode(cipher, self.raw64)
         if not raw or len(raw) % BLOCK or len(raw) > NAME_MAX + 1:
             raise CorruptName("encrypted name has a bad length")

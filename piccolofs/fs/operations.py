@@ -102,6 +102,9 @@ class PiccoloOperations(pyfuse3.Operations):
         if self.read_only:
             raise fail(errno.EROFS)
 
+    def _fd(self, ino: Inode) -> int:
+        return self.inodes.fd(ino)
+
     def _inode(self, node: int) -> Inode:
         ino = self.inodes.get(node)
         if ino is None:
@@ -118,7 +121,7 @@ class PiccoloOperations(pyfuse3.Operations):
         if not self.volume.dir_iv:
             return ZERO_IV
         if ino.diriv is None:
-            ino.diriv = dirs.read_diriv(ino.fd)
+            ino.diriv = dirs.read_diriv(self._fd(ino))
         return ino.diriv
 
     def _bname(self, parent: Inode, name: bytes, creating: bool = False) -> BackingName:
@@ -146,8 +149,13 @@ class PiccoloOperations(pyfuse3.Operations):
     # ---------------------------------------------------------------------------------
     def _symlink_len(self, ino: Inode) -> int:
         if ino.symlink_len is None:
-            ino.symlink_len = len(self.volume.open_symlink(os.readlink(b"", dir_fd=ino.fd)))
+            ino.symlink_len = len(self.volume.open_symlink(self._readlink_raw(ino)))
         return ino.symlink_len
+
+    def _readlink_raw(self, ino: Inode) -> bytes:
+        if ino.fd < 0 and ino.parent is not None and ino.name is not None:
+            return os.readlink(ino.name, dir_fd=self._fd(ino.parent))
+        return os.readlink(b"", dir_fd=self._fd(ino))
 
     def _attr(self, ino: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -176,14 +184,9 @@ class PiccoloOperations(pyfuse3.Operations):
         return a
 
     def _lookup_backing(self, parent: Inode, backing: bytes) -> pyfuse3.EntryAttributes:
-        """Pin the backing entry and count one lookup for it."""
-        fd = syscalls.open_path(parent.fd, backing)
-        try:
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        ino = self.inodes.remember(fd, st)
+        """Find the backing entry (one fstatat, no fd kept) and count one lookup for it."""
+        st = os.stat(backing, dir_fd=self._fd(parent), follow_symlinks=False)
+        ino = self.inodes.remember(parent, backing, st)
         return self._attr(ino, st)
 
     def _owner(self, parent: Inode, ctx: pyfuse3.RequestContext) -> tuple[int, int] | None:
@@ -191,7 +194,7 @@ class PiccoloOperations(pyfuse3.Operations):
         if not self._as_root:
             return None
         gid = ctx.gid
-        pst = os.fstat(parent.fd)
+        pst = os.fstat(self._fd(parent))
         if pst.st_mode & stat.S_ISGID:
             gid = pst.st_gid
         return ctx.uid, gid
@@ -222,7 +225,7 @@ class PiccoloOperations(pyfuse3.Operations):
     async def getattr(self, inode: int,
                       ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         ino = self._inode(inode)
-        return self._attr(ino, os.fstat(ino.fd))
+        return self._attr(ino, self.inodes.stat(ino))
 
     @fuse_op
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -239,7 +242,7 @@ class PiccoloOperations(pyfuse3.Operations):
             if isinstance(handle, FileHandle) and handle.writable:
                 ino.cfile.truncate(handle.fd, attr.st_size)
             else:
-                fd = syscalls.reopen(ino.fd, os.O_RDWR)
+                fd = syscalls.reopen(self._fd(ino), os.O_RDWR)
                 try:
                     ino.cfile.truncate(fd, attr.st_size)
                 finally:
@@ -247,27 +250,27 @@ class PiccoloOperations(pyfuse3.Operations):
         if fields.update_mode:
             if ino.is_symlink:
                 raise fail(errno.EOPNOTSUPP)
-            os.chmod(syscalls.proc_path(ino.fd), stat.S_IMODE(attr.st_mode))
+            os.chmod(syscalls.proc_path(self._fd(ino)), stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             syscalls.fchown_empty(
-                ino.fd,
+                self._fd(ino),
                 attr.st_uid if fields.update_uid else -1,
                 attr.st_gid if fields.update_gid else -1,
             )
         if fields.update_atime or fields.update_mtime:
             syscalls.utimens_empty(
-                ino.fd,
+                self._fd(ino),
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return self._attr(ino, os.fstat(ino.fd))
+        return self._attr(ino, self.inodes.stat(ino))
 
     @fuse_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         ino = self._inode(inode)
         if not ino.is_symlink:
             raise fail(errno.EINVAL)
-        target = self.volume.open_symlink(os.readlink(b"", dir_fd=ino.fd))
+        target = self.volume.open_symlink(self._readlink_raw(ino))
         ino.symlink_len = len(target)
         return target
 
@@ -279,15 +282,15 @@ class PiccoloOperations(pyfuse3.Operations):
         """Write a long name's companion, run `make`, and undo the companion on failure."""
         self._writable()
         bn = self._bname(parent, name, creating=True)
-        dirs.write_companion(parent.fd, bn)
+        dirs.write_companion(self._fd(parent), bn)
         try:
             make(bn)
         except BaseException:
             if bn.companion is not None:
                 try:
-                    os.lstat(bn.name, dir_fd=parent.fd)
+                    os.lstat(bn.name, dir_fd=self._fd(parent))
                 except FileNotFoundError:
-                    dirs.remove_companion(parent.fd, bn)
+                    dirs.remove_companion(self._fd(parent), bn)
             raise
         return bn
 
@@ -298,13 +301,13 @@ class PiccoloOperations(pyfuse3.Operations):
         owner = self._owner(parent, ctx)
 
         def make(bn: BackingName) -> None:
-            os.mknod(bn.name, mode, rdev, dir_fd=parent.fd)
+            os.mknod(bn.name, mode, rdev, dir_fd=self._fd(parent))
 
         bn = self._create_entry(parent, name, make)
         attr = self._lookup_backing(parent, bn.name)
         ino = self._inode(attr.st_ino)
-        self._chown_new(ino.fd, owner)
-        return self._attr(ino, os.fstat(ino.fd))
+        self._chown_new(self._fd(ino), owner)
+        return self._attr(ino, self.inodes.stat(ino))
 
     @fuse_op
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -314,26 +317,26 @@ class PiccoloOperations(pyfuse3.Operations):
         want = stat.S_IMODE(mode)
 
         def make(bn: BackingName) -> None:
-            os.mkdir(bn.name, want | 0o700, dir_fd=parent.fd)
+            os.mkdir(bn.name, want | 0o700, dir_fd=self._fd(parent))
             if self.volume.dir_iv:
                 try:
-                    fd = syscalls.open_path(parent.fd, bn.name)
+                    fd = syscalls.open_path(self._fd(parent), bn.name)
                     try:
                         dirs.write_diriv(fd)
                     finally:
                         os.close(fd)
                 except BaseException:
-                    os.rmdir(bn.name, dir_fd=parent.fd)
+                    os.rmdir(bn.name, dir_fd=self._fd(parent))
                     raise
 
         bn = self._create_entry(parent, name, make)
         attr = self._lookup_backing(parent, bn.name)
         ino = self._inode(attr.st_ino)
-        path = syscalls.proc_path(ino.fd)
-        inherited = os.fstat(ino.fd).st_mode & stat.S_ISGID
+        path = syscalls.proc_path(self._fd(ino))
+        inherited = self.inodes.stat(ino).st_mode & stat.S_ISGID
         os.chmod(path, want | inherited)
-        self._chown_new(ino.fd, owner)
-        return self._attr(ino, os.fstat(ino.fd))
+        self._chown_new(self._fd(ino), owner)
+        return self._attr(ino, self.inodes.stat(ino))
 
     @fuse_op
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -343,14 +346,14 @@ class PiccoloOperations(pyfuse3.Operations):
         stored = self.volume.seal_symlink(target)
 
         def make(bn: BackingName) -> None:
-            os.symlink(stored, bn.name, dir_fd=parent.fd)
+            os.symlink(stored, bn.name, dir_fd=self._fd(parent))
 
         bn = self._create_entry(parent, name, make)
         attr = self._lookup_backing(parent, bn.name)
         ino = self._inode(attr.st_ino)
         ino.symlink_len = len(target)
-        self._chown_new(ino.fd, owner)
-        return self._attr(ino, os.fstat(ino.fd))
+        self._chown_new(self._fd(ino), owner)
+        return self._attr(ino, self.inodes.stat(ino))
 
     @fuse_op
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -361,11 +364,13 @@ class PiccoloOperations(pyfuse3.Operations):
             raise fail(errno.EPERM)
 
         def make(bn: BackingName) -> None:
-            syscalls.linkat(ino.fd, parent.fd, bn.name)
+            syscalls.linkat(self._fd(ino), self._fd(parent), bn.name)
 
-        self._create_entry(parent, new_name, make)
-        self.inodes.add_lookup(ino)
-        return self._attr(ino, os.fstat(ino.fd))
+        bn = self._create_entry(parent, new_name, make)
+        ino.lookups += 1
+        if ino.name is None:  # its old name was removed: the new link is where it lives
+            self.inodes.moved(ino, parent, bn.name)
+        return self._attr(ino, self.inodes.stat(ino))
 
     @fuse_op
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -378,7 +383,7 @@ class PiccoloOperations(pyfuse3.Operations):
 
         def make(bn: BackingName) -> None:
             fd = os.open(bn.name, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | excl
-                         | (flags & _PASS_FLAGS), stat.S_IMODE(mode), dir_fd=parent.fd)
+                         | (flags & _PASS_FLAGS), stat.S_IMODE(mode), dir_fd=self._fd(parent))
             fds.append(fd)
 
         bn = self._create_entry(parent, name, make)
@@ -386,7 +391,7 @@ class PiccoloOperations(pyfuse3.Operations):
         try:
             attr = self._lookup_backing(parent, bn.name)
             ino = self._inode(attr.st_ino)
-            self._chown_new(ino.fd, owner)
+            self._chown_new(fd, owner)
             if flags & os.O_TRUNC and ino.cfile is not None:
                 ino.cfile.truncate(fd, 0)
         except BaseException:
@@ -394,7 +399,7 @@ class PiccoloOperations(pyfuse3.Operations):
             raise
         ino.open_handles += 1
         fh = self._new_id(FileHandle(ino, fd, bool(flags & os.O_APPEND), True))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, os.fstat(ino.fd))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, self.inodes.stat(ino))
 
     # ---------------------------------------------------------------------------------
     # removing and renaming
@@ -404,8 +409,13 @@ class PiccoloOperations(pyfuse3.Operations):
         self._writable()
         parent = self._dir(parent_inode)
         bn = self._bname(parent, name)
-        os.unlink(bn.name, dir_fd=parent.fd)
-        dirs.remove_companion(parent.fd, bn)
+        pfd = self._fd(parent)
+        st = os.lstat(bn.name, dir_fd=pfd)
+        if stat.S_ISDIR(st.st_mode):
+            raise fail(errno.EISDIR)
+        self.inodes.removed(parent, bn.name, st)
+        os.unlink(bn.name, dir_fd=pfd)
+        dirs.remove_companion(pfd, bn)
 
     def _plain_empty(self, dir_fd: int) -> list[bytes]:
         """Hidden metadata of a directory, or ENOTEMPTY if it holds any real entry."""
@@ -459,17 +469,18 @@ class PiccoloOperations(pyfuse3.Operations):
         self._writable()
         parent = self._dir(parent_inode)
         bn = self._bname(parent, name)
-        st = os.lstat(bn.name, dir_fd=parent.fd)
+        st = os.lstat(bn.name, dir_fd=self._fd(parent))
         if not stat.S_ISDIR(st.st_mode):
             raise fail(errno.ENOTDIR)
-        aside = self._set_diriv_aside(parent.fd, bn.name)
+        aside = self._set_diriv_aside(self._fd(parent), bn.name)
+        self.inodes.removed(parent, bn.name, st)
         try:
-            os.rmdir(bn.name, dir_fd=parent.fd)
+            os.rmdir(bn.name, dir_fd=self._fd(parent))
         except BaseException:
-            self._restore_diriv(parent.fd, aside)
+            self._restore_diriv(self._fd(parent), aside)
             raise
-        self._drop_diriv(parent.fd, aside)
-        dirs.remove_companion(parent.fd, bn)
+        self._drop_diriv(self._fd(parent), aside)
+        dirs.remove_companion(self._fd(parent), bn)
 
     @fuse_op
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -481,42 +492,59 @@ class PiccoloOperations(pyfuse3.Operations):
         new = self._bname(new_parent, name_new, creating=True)
         if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE):
             raise fail(errno.EINVAL)
+        opfd, npfd = self._fd(old_parent), self._fd(new_parent)
+        src = os.lstat(old.name, dir_fd=opfd)
         if old_parent is new_parent and old.name == new.name:
-            os.lstat(old.name, dir_fd=old_parent.fd)
             return
+        try:
+            dst: os.stat_result | None = os.lstat(new.name, dir_fd=npfd)
+        except FileNotFoundError:
+            dst = None
+        moved = self.inodes.get(self.inodes.node_for(src))
         if flags & syscalls.RENAME_EXCHANGE:
-            syscalls.renameat2(old_parent.fd, old.name, new_parent.fd, new.name, flags)
+            syscalls.renameat2(opfd, old.name, npfd, new.name, flags)
+            other = None if dst is None else self.inodes.get(self.inodes.node_for(dst))
+            if moved is not None:
+                self.inodes.moved(moved, new_parent, new.name)
+            if other is not None:
+                self.inodes.moved(other, old_parent, old.name)
             return
-        companion_existed = new.companion is not None and _exists(new_parent.fd, new.companion)
-        dirs.write_companion(new_parent.fd, new)
+        if dst is not None and (dst.st_dev, dst.st_ino) != (src.st_dev, src.st_ino):
+            self.inodes.removed(new_parent, new.name, dst)
+        companion_existed = new.companion is not None and _exists(npfd, new.companion)
+        dirs.write_companion(npfd, new)
         try:
             self._rename_entry(old_parent, old, new_parent, new, flags)
         except BaseException:
             if new.companion is not None and not companion_existed:
-                dirs.remove_companion(new_parent.fd, new)
+                dirs.remove_companion(npfd, new)
             raise
-        if old.companion is not None and not _exists(old_parent.fd, old.name):
-            dirs.remove_companion(old_parent.fd, old)
+        if moved is not None and (dst is None or (dst.st_dev, dst.st_ino) != (src.st_dev,
+                                                                               src.st_ino)):
+            self.inodes.moved(moved, new_parent, new.name)
+        if old.companion is not None and not _exists(opfd, old.name):
+            dirs.remove_companion(opfd, old)
 
     def _rename_entry(self, old_parent: Inode, old: BackingName, new_parent: Inode,
                       new: BackingName, flags: int) -> None:
         try:
-            syscalls.renameat2(old_parent.fd, old.name, new_parent.fd, new.name, flags)
+            syscalls.renameat2(self._fd(old_parent), old.name, self._fd(new_parent), new.name,
+                               flags)
             return
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or flags:
                 raise
         # The target is a directory that only looks non-empty because of its IV.
-        src = os.lstat(old.name, dir_fd=old_parent.fd)
+        src = os.lstat(old.name, dir_fd=self._fd(old_parent))
         if not stat.S_ISDIR(src.st_mode):
             raise fail(errno.EISDIR)
-        aside = self._set_diriv_aside(new_parent.fd, new.name)
+        aside = self._set_diriv_aside(self._fd(new_parent), new.name)
         try:
-            syscalls.renameat2(old_parent.fd, old.name, new_parent.fd, new.name, 0)
+            syscalls.renameat2(self._fd(old_parent), old.name, self._fd(new_parent), new.name, 0)
         except BaseException:
-            self._restore_diriv(new_parent.fd, aside)
+            self._restore_diriv(self._fd(new_parent), aside)
             raise
-        self._drop_diriv(new_parent.fd, aside)
+        self._drop_diriv(self._fd(new_parent), aside)
 
     # ---------------------------------------------------------------------------------
     # file I/O
@@ -529,11 +557,11 @@ class PiccoloOperations(pyfuse3.Operations):
         writable = bool(flags & _WRITE_FLAGS)
         if writable or flags & os.O_TRUNC:
             self._writable()
-        fd = syscalls.reopen(ino.fd, (os.O_RDWR if writable else os.O_RDONLY)
+        fd = syscalls.reopen(self._fd(ino), (os.O_RDWR if writable else os.O_RDONLY)
                              | (flags & _PASS_FLAGS))
         try:
             if flags & os.O_TRUNC:
-                tfd = fd if writable else syscalls.reopen(ino.fd, os.O_RDWR)
+                tfd = fd if writable else syscalls.reopen(self._fd(ino), os.O_RDWR)
                 try:
                     ino.cfile.truncate(tfd, 0)
                 finally:
@@ -547,7 +575,8 @@ class PiccoloOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=not self.read_only)
 
     @fuse_op
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]  # pyfuse3 accepts any buffer, not only bytes
+            self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self._file(fh)
         assert h.ino.cfile is not None
         try:
@@ -615,37 +644,26 @@ class PiccoloOperations(pyfuse3.Operations):
             raise fail(errno.EBADF)
         dir_ino = h.ino
         if h.entries is None or start_id == 0:
-            dfd = syscalls.open_dir(dir_ino.fd)
+            dfd = syscalls.open_dir(self._fd(dir_ino))
             try:
                 h.entries = list(dirs.list_entries(self.names, dfd, self._diriv(dir_ino),
                                                    dir_ino.node == ROOT))
             finally:
                 os.close(dfd)
         entries = h.entries
+        dfd = self._fd(dir_ino)
         for i in range(start_id, len(entries)):
             entry = entries[i]
             try:
-                st = os.stat(entry.backing, dir_fd=dir_ino.fd, follow_symlinks=False)
+                st = os.stat(entry.backing, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            node = self.inodes.node_for(st)
-            known = self.inodes.get(node)
-            fd = None
-            if known is None:
-                try:
-                    fd = syscalls.open_path(dir_ino.fd, entry.backing)
-                    st = os.fstat(fd)
-                except FileNotFoundError:
-                    if fd is not None:
-                        os.close(fd)
-                    continue
-                known = self.inodes.remember(fd, st, count=0)
-            attr = self._attr(known, st)
-            if not pyfuse3.readdir_reply(token, entry.plain, attr, i + 1):
-                if known.lookups <= 0:
-                    self.inodes.forget(known.node, 0)
+            ino = self.inodes.remember(dir_ino, entry.backing, st, count=0)
+            if not pyfuse3.readdir_reply(token, entry.plain, self._attr(ino, st), i + 1):
+                if ino.lookups <= 0:
+                    self.inodes.forget(ino.node, 0)
                 return
-            known.lookups += 1
+            ino.lookups += 1
 
     @fuse_op
     async def releasedir(self, fh: int) -> None:
@@ -658,7 +676,7 @@ class PiccoloOperations(pyfuse3.Operations):
         h = self._handles.get(fh)
         if not isinstance(h, DirHandle):
             raise fail(errno.EBADF)
-        dfd = syscalls.open_dir(h.ino.fd)
+        dfd = syscalls.open_dir(self._fd(h.ino))
         try:
             await trio.to_thread.run_sync(os.fsync, dfd)
         finally:
@@ -667,7 +685,7 @@ class PiccoloOperations(pyfuse3.Operations):
     @fuse_op
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         root = self._inode(ROOT)
-        sv = os.statvfs(syscalls.proc_path(root.fd))
+        sv = os.statvfs(syscalls.proc_path(self._fd(root)))
         out = pyfuse3.StatvfsData()
         for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                       "f_ffree", "f_favail"):
@@ -690,7 +708,7 @@ class PiccoloOperations(pyfuse3.Operations):
     def _xattr_target(self, ino: Inode) -> str:
         if ino.is_symlink:
             raise fail(errno.EPERM)
-        return syscalls.proc_path(ino.fd)
+        return syscalls.proc_path(self._fd(ino))
 
     @fuse_op
     async def setxattr(self, inode: int, name: bytes, value: bytes,
