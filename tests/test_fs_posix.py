@@ -426,3 +426,25 @@ def test_names_longer_than_255_bytes_are_refused_everywhere(volume: PiccoloMount
         with pytest.raises(OSError) as e:
             call("n" * 256)
         assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_large_directories_do_not_exhaust_file_descriptors(volume: PiccoloMount) -> None:
+    import resource
+
+    d = volume.mnt / "many"
+    d.mkdir()
+    assert volume.proc is not None
+    limits = Path(f"/proc/{volume.proc.pid}/limits").read_text().splitlines()
+    limit = int(next(ln.split()[3] for ln in limits if ln.startswith("Max open files")))
+    budget = max(64, min(16384, limit // 4))
+    count = budget + 1000  # more inodes than the fd cache may hold
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 100
+    for i in range(count):
+        fd = os.open(d / f"f{i:05d}", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, str(i).encode())
+        os.close(fd)
+    for i in range(0, count, 7):
+        assert (d / f"f{i:05d}").read_bytes() == str(i).encode()
+    assert len(os.listdir(d)) == count
+    held = len(os.listdir(f"/proc/{volume.proc.pid}/fd"))
+    assert held <= budget + 64, (held, budget)
