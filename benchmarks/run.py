@@ -14,18 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks import workloads as w
 from benchmarks.targets import Target, backing_store, target
 
-TARGETS = ("plain", "piccolofs", "gocryptfs")
+BASE_TARGETS = ("plain", "piccolofs", "gocryptfs")
 HERE = Path(__file__).resolve().parent
 SDIST = "Django==5.1.4"
 
@@ -78,8 +80,34 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), **versions}
 
 
-def run(reps: int, quick: bool, only: set[str] | None, disk: str | None) -> dict[str, Any]:
+def checkout(rev: str, into: Path) -> Path:
+    """A worktree of an earlier revision, whose piccolofs runs as target piccolofs@REV."""
+    repo = HERE.parent
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-f", str(into),
+                    rev], check=True, capture_output=True)
+    return into
+
+
+def run(reps: int, quick: bool, only: set[str] | None, disk: str | None,
+        compare: Sequence[str] = ()) -> dict[str, Any]:
     tarball = fetch_tarball()
+    sources: dict[str, Path] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="piccolofs-bench-src-"))
+    for rev in compare:
+        sources[rev] = checkout(rev, scratch / rev.replace("/", "_"))
+    targets = (*BASE_TARGETS[:2], *[f"piccolofs@{rev}" for rev in compare], BASE_TARGETS[2])
+    try:
+        return _run(reps, quick, only, disk, tarball, targets, sources)
+    finally:
+        for path in sources.values():
+            subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force",
+                            str(path)], capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(reps: int, quick: bool, only: set[str] | None, disk: str | None,
+         tarball: Path | None, targets: tuple[str, ...], sources: dict[str, Path]
+         ) -> dict[str, Any]:
     work = suite(quick, tarball)
     if only:
         work = {k: v for k, v in work.items() if k in only}
@@ -88,9 +116,10 @@ def run(reps: int, quick: bool, only: set[str] | None, disk: str | None) -> dict
     with backing_store(disk) as base:
         for name, fn in work.items():
             for rep in range(reps):
-                order = TARGETS[rep % 3:] + TARGETS[:rep % 3]
+                shift = rep % len(targets)
+                order = targets[shift:] + targets[:shift]
                 for kind in order:
-                    with target(kind, base) as tgt:
+                    with target(kind, base, sources) as tgt:
                         tgt.reset_peak_rss()
                         cpu0 = tgt.cpu_seconds()
                         start = time.perf_counter()
@@ -106,6 +135,7 @@ def run(reps: int, quick: bool, only: set[str] | None, disk: str | None) -> dict
                         p["cpu_s"] = p.get("cpu_s", 0) + (cpu1 - cpu0) / reps
                     print(f"  {name:<17} {kind:<10} rep {rep + 1}: {wall:6.1f} s", flush=True)
     results: dict[str, Any] = {"machine": machine(), "reps": reps, "quick": quick,
+                               "targets": list(targets),
                                "backing": disk or "tmpfs", "tarball": tarball.name if tarball
                                else None, "workloads": {}, "process": process,
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -114,10 +144,11 @@ def run(reps: int, quick: bool, only: set[str] | None, disk: str | None) -> dict
         for metric, by_kind in metrics.items():
             med = {k: statistics.median(v) for k, v in by_kind.items()}
             row: dict[str, Any] = {"median": med}
-            if med.get("gocryptfs") and med.get("piccolofs"):
-                better = w.higher_is_better(metric)
-                row["vs_gocryptfs"] = (med["piccolofs"] / med["gocryptfs"] if better
-                                       else med["gocryptfs"] / med["piccolofs"])
+            better = w.higher_is_better(metric)
+            for kind in targets:
+                if kind.startswith("piccolofs") and med.get("gocryptfs") and med.get(kind):
+                    row["vs_gocryptfs" + kind[len("piccolofs"):]] = (
+                        med[kind] / med["gocryptfs"] if better else med["gocryptfs"] / med[kind])
             table[metric] = row
         results["workloads"][name] = table
     return results
@@ -125,23 +156,27 @@ def run(reps: int, quick: bool, only: set[str] | None, disk: str | None) -> dict
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    targets = results["targets"]
+    pics = [t for t in targets if t.startswith("piccolofs")]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel "
              f"{m['kernel']}, Python {m['python']}, {m['gocryptfs']}; backing "
              f"{results['backing']}; medians of {results['reps']} rep(s); {results['date']}.",
-             "", "| workload | metric | plain | piccolofs | gocryptfs | piccolofs vs gocryptfs |",
-             "|---|---|---:|---:|---:|---:|"]
+             "", "| workload | metric | " + " | ".join(targets) + " | "
+             + " | ".join(f"{p} vs gocryptfs" for p in pics) + " |",
+             "|---|---|" + "---:|" * (len(targets) + len(pics))]
     for name, table in results["workloads"].items():
         for metric, row in table.items():
             med = row["median"]
-            ratio = row.get("vs_gocryptfs")
-            lines.append(f"| {name} | {metric} | " + " | ".join(
-                f"{med[k]:.4g}" if k in med else "-" for k in TARGETS)
-                + f" | {f'{ratio:.2f}x' if ratio else '-'} |")
+            cells = [f"{med[k]:.4g}" if k in med else "-" for k in targets]
+            ratios = [row.get("vs_gocryptfs" + p[len("piccolofs"):]) for p in pics]
+            cells += [f"{r:.2f}x" if r else "-" for r in ratios]
+            lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
     lines += ["", "Mount process per workload (peak RSS MiB / CPU s):", "",
-              "| workload | piccolofs | gocryptfs |", "|---|---:|---:|"]
+              "| workload | " + " | ".join(t for t in targets if t != "plain") + " |",
+              "|---|" + "---:|" * (len(targets) - 1)]
     for name, kinds in results["process"].items():
         cells = [f"{kinds[k]['peak_rss_mib']:.0f} / {kinds[k]['cpu_s']:.1f}" if k in kinds
-                 else "-" for k in ("piccolofs", "gocryptfs")]
+                 else "-" for k in targets if k != "plain"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Ratios are speed ratios from this one run (>1: piccolofs faster).")
@@ -156,10 +191,12 @@ def main() -> int:
     p.add_argument("--disk", help="run on a directory of this disk instead of tmpfs")
     p.add_argument("--json", help="write results here (default benchmarks/results/…)")
     p.add_argument("--markdown", help="also write the table as Markdown here")
+    p.add_argument("--compare", action="append", default=[], metavar="REV",
+                   help="also run the piccolofs of git revision REV (before/after)")
     args = p.parse_args()
     reps = args.reps or (1 if args.quick else 3)
     only = set(args.only.split(",")) if args.only else None
-    results = run(reps, args.quick, only, args.disk)
+    results = run(reps, args.quick, only, args.disk, args.compare)
     out = Path(args.json) if args.json else HERE / "results" / time.strftime(
         "%Y%m%dT%H%M%S.json", time.gmtime())
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,8 +98,10 @@ def backing_store(disk: str | None, size: str = "24g") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def target(kind: str, base: Path) -> Iterator[Target]:
-    work = base / kind
+def target(kind: str, base: Path, sources: dict[str, Path] | None = None) -> Iterator[Target]:
+    """`kind` is plain, gocryptfs, piccolofs, or piccolofs@LABEL: the piccolofs code found
+    in sources[LABEL] (a checkout of an earlier revision, for before/after numbers)."""
+    work = base / kind.replace("@", "-at-")
     work.mkdir()
     if kind == "plain":
         data = work / "data"
@@ -112,12 +114,15 @@ def target(kind: str, base: Path) -> Iterator[Target]:
     cipher, mnt, passfile = work / "cipher", work / "mnt", work / "pass"
     passfile.write_bytes(PASSWORD)
     mnt.mkdir()
-    if kind == "piccolofs":
+    if kind.startswith("piccolofs"):
+        env = dict(os.environ)
+        if "@" in kind:
+            env["PYTHONPATH"] = str((sources or {})[kind.split("@", 1)[1]])
         cmd = [sys.executable, "-m", "piccolofs"]
         subprocess.run([*cmd, "init", "--scryptn", "10", "--passfile", str(passfile),
-                        str(cipher)], check=True, capture_output=True)
+                        str(cipher)], check=True, capture_output=True, env=env)
         subprocess.run([*cmd, "mount", "--passfile", str(passfile), str(cipher), str(mnt)],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, env=env)
         pid = _pid_of(mnt, "piccolofs")
         notes = ["allow_other+default_permissions (as root)"]
     elif kind == "gocryptfs":
