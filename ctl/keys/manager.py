@@ -178,12 +178,7 @@ class KeyManager:
             raise InvalidInput("new password required")
         keyset = self._load()
         sdek = await self._open(client, keyset.open_with_password, old)
-        try:
-            updated = await self._kdf(keyset.with_password, bytes(sdek), new)
-        finally:
-            sdek[:] = bytes(len(sdek))
-        assert isinstance(updated, Keyset)
-        self._write(updated)
+        await self._rewrap(sdek, keyset.with_password, new)
 
     async def reset_password(self, recovery_text: str, new: bytes, client: str) -> None:
         """Set a new password using the recovery key (which stays valid). Lock state kept."""
@@ -194,12 +189,7 @@ class KeyManager:
         if not keyset.has_recovery:
             raise NotInitialized("recovery key not set")
         sdek = await self._open(client, keyset.open_with_recovery, key)
-        try:
-            updated = await self._kdf(keyset.with_password, bytes(sdek), new)
-        finally:
-            sdek[:] = bytes(len(sdek))
-        assert isinstance(updated, Keyset)
-        self._write(updated)
+        await self._rewrap(sdek, keyset.with_password, new)
 
     async def generate_recovery_key(self, password: bytes | None, client: str) -> str:
         """Create or rotate the recovery key; needs the manager unlocked or the password."""
@@ -211,10 +201,14 @@ class KeyManager:
         else:
             raise Locked("unlock required (or give the password)")
         words = recovery.generate()
+        await self._rewrap(sdek, keyset.with_recovery, words)
+        return words
+
+    async def _rewrap(self, sdek: bytearray, wrap: object, secret: bytes | str) -> None:
+        """Seal `sdek` anew with `wrap` (a KDF: off the event loop), zero it, write."""
         try:
-            updated = await self._kdf(keyset.with_recovery, bytes(sdek), words)
+            updated = await self._kdf(wrap, bytes(sdek), secret)
         finally:
             sdek[:] = bytes(len(sdek))
         assert isinstance(updated, Keyset)
         self._write(updated)
-        return words
