@@ -448,3 +448,37 @@ def test_large_directories_do_not_exhaust_file_descriptors(volume: PiccoloMount)
     assert len(os.listdir(d)) == count
     held = len(os.listdir(f"/proc/{volume.proc.pid}/fd"))
     assert held <= budget + 64, (held, budget)
+
+
+def test_reused_backing_inode_numbers_never_alias(volume: PiccoloMount) -> None:
+    """Delete-then-create reuses inode numbers in the backing store; the kernel may still
+    know the old node when the new file appears, and must never be handed the same id."""
+    r = volume.mnt
+    for i in range(300):
+        a, b = r / f"a{i % 3}", r / f"b{i % 3}"
+        a.write_bytes(b"first %d" % i)
+        held = os.open(a, os.O_RDONLY) if i % 2 else None
+        assert a.read_bytes() == b"first %d" % i
+        os.unlink(a)
+        b.write_bytes(b"second file %d" % i)
+        assert b.read_bytes() == b"second file %d" % i
+        if held is not None:
+            assert os.pread(held, 100, 0) == b"first %d" % i  # unlinked but still open
+            os.close(held)
+        os.unlink(b)
+
+
+def test_reused_inode_number_of_another_type(volume: PiccoloMount) -> None:
+    r = volume.mnt
+    for i in range(100):
+        (r / "f").write_bytes(b"file")
+        os.stat(r / "f")
+        os.unlink(r / "f")
+        os.mkdir(r / "d")  # the backing store may hand out the number "f" just freed
+        (r / "d" / "inner").write_bytes(b"inside %d" % i)
+        assert os.listdir(r / "d") == ["inner"]
+        os.symlink("target", r / "l")
+        assert os.readlink(r / "l") == "target"
+        os.unlink(r / "d" / "inner")
+        os.rmdir(r / "d")
+        os.unlink(r / "l")

@@ -153,6 +153,11 @@ class InodeTable:
         node = self.node_for(st)
         ino = self._by_node.get(node)
         if ino is not None and ino.key == (st.st_dev, st.st_ino):
+            if ino.name is None and not ino.pinned:
+                # Removed and not held open: the backing store has reused the inode number
+                # for a new entry. The kernel's lookup counts for the id carry over (it
+                # forgets the old ones separately); everything about the file is new.
+                self._reincarnate(ino, st)
             ino.lookups += count
             if ino.name is None or not ino.pinned:
                 ino.parent, ino.name = parent, name
@@ -162,6 +167,16 @@ class InodeTable:
             ino.cfile = CryptFile(self._codec)
         self._by_node[node] = ino
         return ino
+
+    def _reincarnate(self, ino: Inode, st: os.stat_result) -> None:
+        if ino.fd >= 0:
+            self._lru.pop(ino.node, None)
+            os.close(ino.fd)
+            ino.fd = -1
+        ino.mode = st.st_mode
+        ino.cfile = CryptFile(self._codec) if stat.S_ISREG(st.st_mode) else None
+        ino.diriv = None
+        ino.symlink_len = None
 
     def moved(self, ino: Inode, parent: Inode, name: bytes) -> None:
         ino.parent, ino.name = parent, name
@@ -173,7 +188,7 @@ class InodeTable:
         ino = self._by_node.get(self.node_for(st))
         if ino is None or ino.key != (st.st_dev, st.st_ino):
             return
-        if ino.open_handles > 0:
+        if ino.open_handles > 0 or ino.is_dir:
             self.pin(ino)
         if ino.parent is parent and ino.name == name:
             ino.name = None
