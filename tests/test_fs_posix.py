@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from piccolofs.backing.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from tests.mounts import PiccoloMount, force_unmount, init_piccolofs
+from tests.mounts import PiccoloMount, force_unmount, fsck_piccolofs, init_piccolofs
 
 
 def _backing_names(cipher: Path) -> list[str]:
@@ -482,3 +482,113 @@ def test_reused_inode_number_of_another_type(volume: PiccoloMount) -> None:
         os.unlink(r / "d" / "inner")
         os.rmdir(r / "d")
         os.unlink(r / "l")
+
+
+def test_unlinked_file_stays_readable_through_what_the_kernel_holds(
+        volume: PiccoloMount) -> None:
+    r = volume.mnt
+    for i in range(50):
+        (r / "g").write_bytes(b"OLD %d" % i)
+        held = os.open(r / "g", os.O_PATH)
+        os.unlink(r / "g")
+        (r / "new").write_bytes(b"NEW %d" % i)  # may get the freed backing inode number
+        with open(f"/proc/self/fd/{held}", "rb") as f:
+            assert f.read() == b"OLD %d" % i
+        os.close(held)
+        assert (r / "new").read_bytes() == b"NEW %d" % i
+        os.unlink(r / "new")
+
+
+def test_setuid_and_setgid_survive_creation(volume: PiccoloMount) -> None:
+    fd = os.open(volume.mnt / "s", os.O_CREAT | os.O_WRONLY, 0o4755)
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(volume.mnt / "s").st_mode) == 0o4755
+    os.mknod(volume.mnt / "n", 0o2644 | stat.S_IFIFO)
+    assert stat.S_IMODE(os.stat(volume.mnt / "n").st_mode) == 0o2644
+
+
+def test_sizes_beyond_the_format_are_efbig_and_change_nothing(volume: PiccoloMount) -> None:
+    p = volume.mnt / "f"
+    p.write_bytes(b"abc")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        for off in (2**63 - 4096, 2**44):  # beyond the format; beyond the backing ext4/tmpfs
+            with pytest.raises(OSError) as e:
+                os.pwrite(fd, b"x", off)
+            assert e.value.errno == errno.EFBIG
+            assert os.fstat(fd).st_size == 3 and os.pread(fd, 10, 0) == b"abc"
+        with pytest.raises(OSError) as e:
+            os.ftruncate(fd, 2**63 - 1)
+        assert e.value.errno == errno.EFBIG
+    finally:
+        os.close(fd)
+    assert "internal error" not in volume.log()
+
+
+def test_o_trunc_updates_times_even_when_empty(volume: PiccoloMount) -> None:
+    p = volume.mnt / "e"
+    p.write_bytes(b"")
+    os.utime(p, (1, 1))
+    os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
+    assert os.stat(p).st_mtime > 1_000_000
+
+
+def test_dot_entries_and_whiteouts(volume: PiccoloMount) -> None:
+    (volume.mnt / "d").mkdir()
+    out = subprocess.run(["ls", "-a", str(volume.mnt / "d")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [".", ".."]
+    (volume.mnt / "src").write_bytes(b"s")
+    from piccolofs.backing.syscalls import RENAME_WHITEOUT
+
+    renameat2(-100, str(volume.mnt / "src").encode(), -100, str(volume.mnt / "dst").encode(),
+              RENAME_WHITEOUT)
+    st = os.lstat(volume.mnt / "src")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert (volume.mnt / "dst").read_bytes() == b"s"
+
+
+@pytest.fixture
+def tiny_volume(tmp_path: Path, passfile: Path) -> Iterator[PiccoloMount]:
+    """A volume whose backing store is a 1 MiB tmpfs, to run out of space on purpose."""
+    backing = tmp_path / "tiny"
+    backing.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(backing)], check=True)
+    try:
+        init_piccolofs(backing / "cipher", passfile)
+        with PiccoloMount(backing / "cipher", tmp_path / "mnt", passfile) as m:
+            yield m
+    finally:
+        force_unmount(tmp_path / "mnt")
+        subprocess.run(["umount", "-l", str(backing)], check=False)
+
+
+def test_out_of_space_leaves_files_intact(tiny_volume: PiccoloMount, passfile: Path) -> None:
+    m = tiny_volume
+    written = 0
+    chunk = os.urandom(128 * 1024)
+    fd = os.open(m.mnt / "fill", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError) as e:
+            while True:
+                written += os.write(fd, chunk)
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    data = (m.mnt / "fill").read_bytes()  # no EIO: no torn block
+    assert len(data) == written == os.stat(m.mnt / "fill").st_size
+    assert data == (chunk * (written // len(chunk) + 1))[:written]
+    (m.mnt / "other").write_bytes(b"")
+    for grow in (3 * 4096 + 5, 200 * 4096 + 7):  # a growing truncate either works or changes
+        try:                                       # nothing: never a torn block
+            os.truncate(m.mnt / "other", grow)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            assert (m.mnt / "other").read_bytes() == b""
+        else:
+            assert (m.mnt / "other").read_bytes() == bytes(grow)
+    assert (m.mnt / "fill").read_bytes() == data
+    m.stop()
+    res = fsck_piccolofs(m.cipher, passfile)
+    assert res.returncode == 0, res.stdout
+    m.start()

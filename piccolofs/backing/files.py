@@ -7,7 +7,10 @@ cached file ID is per inode and reset whenever the header is removed (truncate t
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 
 from piccolofs.format.content import (
     HEADER_LEN,
@@ -19,6 +22,8 @@ from piccolofs.format.content import (
 from piccolofs.format.errors import CorruptHeader
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# The largest plaintext whose backing file still fits a signed 64-bit offset.
+MAX_PLAIN_SIZE = (2**63 - 1 - HEADER_LEN) // (PLAIN_BLOCK + 40) * PLAIN_BLOCK
 
 
 def _pwritev_all(fd: int, parts: list[bytes], offset: int) -> None:
@@ -104,6 +109,37 @@ class CryptFile:
     def write(self, fd: int, plain_off: int, data: bytes) -> int:
         if not data:
             return 0
+        if plain_off + len(data) > MAX_PLAIN_SIZE:
+            raise OSError(errno.EFBIG, "file would exceed the largest size the format allows")
+        with self._undo_on_failure(fd, plain_off + len(data)):
+            return self._write(fd, plain_off, data)
+
+    @contextlib.contextmanager
+    def _undo_on_failure(self, fd: int, plain_end: int) -> Iterator[None]:
+        """A write or truncate that reaches the last block or beyond and fails half-way
+        (ENOSPC, EFBIG, EIO from the backing store) must not leave a torn block: put the old
+        last block back and cut the file to its old length, so it reads as before. Writes
+        that stay inside earlier blocks replace whole blocks and change no length."""
+        cipher_size = os.fstat(fd).st_size
+        lay = self.layout
+        last = max(0, lay.block_count(lay.plain_size(cipher_size)) - 1)
+        if plain_end <= last * PLAIN_BLOCK and cipher_size > HEADER_LEN:
+            yield
+            return
+        tail_start = lay.block_offset(last) if cipher_size > HEADER_LEN else cipher_size
+        tail = os.pread(fd, cipher_size - tail_start, tail_start) if cipher_size else b""
+        file_id = self.file_id
+        try:
+            yield
+        except OSError:
+            with contextlib.suppress(OSError):
+                if tail:
+                    os.pwrite(fd, tail, tail_start)
+                os.ftruncate(fd, cipher_size)
+            self.file_id = file_id if cipher_size else None
+            raise
+
+    def _write(self, fd: int, plain_off: int, data: bytes) -> int:
         lay = self.layout
         cipher_size = os.fstat(fd).st_size
         plain_size = lay.plain_size(cipher_size)
@@ -146,10 +182,17 @@ class CryptFile:
         os.pwrite(fd, self.codec.seal(last, file_id, padded), self.layout.block_offset(last))
 
     def truncate(self, fd: int, new_size: int) -> None:
+        if new_size > MAX_PLAIN_SIZE:
+            raise OSError(errno.EFBIG, "size exceeds the largest the format allows")
+        with self._undo_on_failure(fd, MAX_PLAIN_SIZE):
+            self._truncate(fd, new_size)
+
+    def _truncate(self, fd: int, new_size: int) -> None:
         lay = self.layout
         cipher_size = os.fstat(fd).st_size
         plain_size = lay.plain_size(cipher_size)
         if new_size == plain_size and not lay.has_fragment(cipher_size):
+            os.ftruncate(fd, cipher_size)  # same size: still marks mtime/ctime, as POSIX says
             return
         if lay.has_fragment(cipher_size):
             cipher_size = lay.cipher_size(plain_size)

@@ -16,6 +16,7 @@ AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
 UTIME_OMIT = (1 << 30) - 2
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -68,6 +68,8 @@ def fuse_op(fn: F) -> F:
             raise
         except (OSError, FormatError) as exc:
             raise pyfuse3.FUSEError(errno_of(exc)) from None
+        except OverflowError:  # an offset or size beyond what the backing syscalls take
+            raise pyfuse3.FUSEError(errno.EFBIG) from None
         except Exception:
             Counters.internal_errors += 1
             log.exception("internal error in %s", fn.__name__)

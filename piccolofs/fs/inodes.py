@@ -79,25 +79,30 @@ class InodeTable:
         self._by_node: dict[int, Inode] = {ROOT: root}
         self._lru: collections.OrderedDict[int, Inode] = collections.OrderedDict()
         self.max_fds = max_fds or _fd_budget()
+        self._pinned = 0
 
     def __len__(self) -> int:
         return len(self._by_node)
 
     @property
     def open_fds(self) -> int:
-        return len(self._lru) + sum(1 for i in self._by_node.values() if i.pinned)
+        return len(self._lru) + self._pinned
 
     def node_for(self, st: os.stat_result) -> int:
         key = (st.st_dev, st.st_ino)
         if key == self._root_key:
             return ROOT
+        node = self._spill.get(key)
+        if node is not None:
+            return node
         if st.st_dev == self._dev and ROOT < st.st_ino < SPILL_BASE:
             return st.st_ino
-        node = self._spill.get(key)
-        if node is None:
-            node = self._next_spill
-            self._next_spill += 1
-            self._spill[key] = node
+        return self._spill_node(key)
+
+    def _spill_node(self, key: tuple[int, int]) -> int:
+        node = self._next_spill
+        self._next_spill += 1
+        self._spill[key] = node
         return node
 
     def get(self, node: int) -> Inode | None:
@@ -145,50 +150,43 @@ class InodeTable:
         self.fd(ino)
         self._lru.pop(ino.node, None)
         ino.pinned = True
+        self._pinned += 1
 
     # -- lookups ---------------------------------------------------------------------------
     def remember(self, parent: Inode, name: bytes, st: os.stat_result,
                  count: int = 1) -> Inode:
         """Record (or refresh) the inode found at `name` in `parent`; count lookups."""
+        key = (st.st_dev, st.st_ino)
         node = self.node_for(st)
         ino = self._by_node.get(node)
-        if ino is not None and ino.key == (st.st_dev, st.st_ino):
-            if ino.name is None and not ino.pinned:
-                # Removed and not held open: the backing store has reused the inode number
-                # for a new entry. The kernel's lookup counts for the id carry over (it
-                # forgets the old ones separately); everything about the file is new.
-                self._reincarnate(ino, st)
+        if ino is not None and ino.key == key and ino.name is None and not ino.pinned:
+            # Removed without being pinned, and the kernel has not forgotten it yet: the
+            # backing store reused its number for a new entry. The kernel must never see
+            # two files under one id, so the newcomer gets an id of its own.
+            node, ino = self._spill_node(key), None
+        if ino is not None and ino.key == key:
             ino.lookups += count
             if ino.name is None or not ino.pinned:
                 ino.parent, ino.name = parent, name
             return ino
-        ino = Inode(node, (st.st_dev, st.st_ino), st.st_mode, parent, name, lookups=count)
+        ino = Inode(node, key, st.st_mode, parent, name, lookups=count)
         if stat.S_ISREG(st.st_mode):
             ino.cfile = CryptFile(self._codec)
         self._by_node[node] = ino
         return ino
 
-    def _reincarnate(self, ino: Inode, st: os.stat_result) -> None:
-        if ino.fd >= 0:
-            self._lru.pop(ino.node, None)
-            os.close(ino.fd)
-            ino.fd = -1
-        ino.mode = st.st_mode
-        ino.cfile = CryptFile(self._codec) if stat.S_ISREG(st.st_mode) else None
-        ino.diriv = None
-        ino.symlink_len = None
-
     def moved(self, ino: Inode, parent: Inode, name: bytes) -> None:
         ino.parent, ino.name = parent, name
 
     def removed(self, parent: Inode, name: bytes, st: os.stat_result) -> None:
-        """Call *before* removing `name`. An inode that is open stays reachable (pinned);
-        one that is not will only be forgotten by the kernel, or found again through
-        another hard link by a later lookup."""
+        """Call *before* removing `name`: the inode is pinned (its fd opened first), so it
+        stays readable through what the kernel still holds (open files, O_PATH fds, a cwd)
+        and its number cannot be reused. Past the fd budget only open inodes are pinned;
+        the others become unreachable (ESTALE) and a reuse of their number gets a new id."""
         ino = self._by_node.get(self.node_for(st))
         if ino is None or ino.key != (st.st_dev, st.st_ino):
             return
-        if ino.open_handles > 0 or ino.is_dir:
+        if ino.open_handles > 0 or ino.is_dir or self._pinned < self.max_fds:
             self.pin(ino)
         if ino.parent is parent and ino.name == name:
             ino.name = None
@@ -211,11 +209,14 @@ class InodeTable:
             return
         del self._by_node[ino.node]
         self._lru.pop(ino.node, None)
+        if ino.pinned:
+            ino.pinned = False
+            self._pinned -= 1
         if ino.fd >= 0:
             os.close(ino.fd)
             ino.fd = -1
-        if ino.node >= SPILL_BASE:
-            self._spill.pop(ino.key, None)
+        if ino.node >= SPILL_BASE and self._spill.get(ino.key) == ino.node:
+            del self._spill[ino.key]
 
     def close_all(self) -> None:
         for ino in list(self._by_node.values()):
@@ -223,4 +224,5 @@ class InodeTable:
                 os.close(ino.fd)
                 ino.fd = -1
         self._lru.clear()
+        self._pinned = 0
         self._by_node = {ROOT: self.root}

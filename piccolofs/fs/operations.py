@@ -40,6 +40,7 @@ CAPABILITY_XATTR = "security.capability"
 XATTR_NAME_MAX = 255
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 _PASS_FLAGS = os.O_SYNC | os.O_DSYNC
+DOT_ENTRIES = 2
 
 
 @dataclass(slots=True, eq=False)
@@ -199,9 +200,17 @@ class PiccoloOperations(pyfuse3.Operations):
             gid = pst.st_gid
         return ctx.uid, gid
 
-    def _chown_new(self, fd: int, owner: tuple[int, int] | None) -> None:
-        if owner is not None:
+    def _chown_new(self, fd: int, owner: tuple[int, int] | None, mode: int = 0) -> None:
+        """Give a new entry its owner. chown clears set-user/group-ID bits of non-directories,
+        so those are put back afterwards (`mode`: the mode the entry was created with)."""
+        if owner is None:
+            return
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != owner:
             syscalls.fchown_empty(fd, *owner)
+            special = stat.S_IMODE(mode) & (stat.S_ISUID | stat.S_ISGID)
+            if special and not stat.S_ISLNK(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                os.chmod(syscalls.proc_path(fd), stat.S_IMODE(mode))
 
     # ---------------------------------------------------------------------------------
     # lookups and attributes
@@ -306,7 +315,7 @@ class PiccoloOperations(pyfuse3.Operations):
         bn = self._create_entry(parent, name, make)
         attr = self._lookup_backing(parent, bn.name)
         ino = self._inode(attr.st_ino)
-        self._chown_new(self._fd(ino), owner)
+        self._chown_new(self._fd(ino), owner, mode)
         return self._attr(ino, self.inodes.stat(ino))
 
     @fuse_op
@@ -332,10 +341,9 @@ class PiccoloOperations(pyfuse3.Operations):
         bn = self._create_entry(parent, name, make)
         attr = self._lookup_backing(parent, bn.name)
         ino = self._inode(attr.st_ino)
-        path = syscalls.proc_path(self._fd(ino))
         inherited = self.inodes.stat(ino).st_mode & stat.S_ISGID
-        os.chmod(path, want | inherited)
         self._chown_new(self._fd(ino), owner)
+        os.chmod(syscalls.proc_path(self._fd(ino)), want | inherited)
         return self._attr(ino, self.inodes.stat(ino))
 
     @fuse_op
@@ -391,7 +399,7 @@ class PiccoloOperations(pyfuse3.Operations):
         try:
             attr = self._lookup_backing(parent, bn.name)
             ino = self._inode(attr.st_ino)
-            self._chown_new(fd, owner)
+            self._chown_new(fd, owner, mode)
             if flags & os.O_TRUNC and ino.cfile is not None:
                 ino.cfile.truncate(fd, 0)
         except BaseException:
@@ -490,7 +498,8 @@ class PiccoloOperations(pyfuse3.Operations):
         new_parent = self._dir(parent_inode_new)
         old = self._bname(old_parent, name_old)
         new = self._bname(new_parent, name_new, creating=True)
-        if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE):
+        if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE
+                     | syscalls.RENAME_WHITEOUT):
             raise fail(errno.EINVAL)
         opfd, npfd = self._fd(old_parent), self._fd(new_parent)
         src = os.lstat(old.name, dir_fd=opfd)
@@ -523,7 +532,7 @@ class PiccoloOperations(pyfuse3.Operations):
                                                                                src.st_ino)):
             self.inodes.moved(moved, new_parent, new.name)
         if old.companion is not None and not _exists(opfd, old.name):
-            dirs.remove_companion(opfd, old)
+            dirs.remove_companion(opfd, old)  # (a whiteout keeps the old name, and its .name)
 
     def _rename_entry(self, old_parent: Inode, old: BackingName, new_parent: Inode,
                       new: BackingName, flags: int) -> None:
@@ -650,16 +659,23 @@ class PiccoloOperations(pyfuse3.Operations):
                                                    dir_ino.node == ROOT))
             finally:
                 os.close(dfd)
+        # "." and ".." come first (ids 1 and 2); their lookup counts are never touched.
+        for dot_id, (dot, ino) in enumerate(((b".", dir_ino),
+                                             (b"..", dir_ino.parent or dir_ino)), 1):
+            if start_id < dot_id and not pyfuse3.readdir_reply(
+                    token, dot, self._attr(ino, self.inodes.stat(ino)), dot_id):
+                return
         entries = h.entries
         dfd = self._fd(dir_ino)
-        for i in range(start_id, len(entries)):
+        for i in range(max(0, start_id - DOT_ENTRIES), len(entries)):
             entry = entries[i]
             try:
                 st = os.stat(entry.backing, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             ino = self.inodes.remember(dir_ino, entry.backing, st, count=0)
-            if not pyfuse3.readdir_reply(token, entry.plain, self._attr(ino, st), i + 1):
+            if not pyfuse3.readdir_reply(token, entry.plain, self._attr(ino, st),
+                                         i + 1 + DOT_ENTRIES):
                 if ino.lookups <= 0:
                     self.inodes.forget(ino.node, 0)
                 return
