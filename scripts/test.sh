@@ -5,9 +5,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$REPO"
 
 cleanup() {
-    # A crashed test run must not leave mounts behind on the machine.
+    # A crashed test run must not leave mounts behind: lazily unmount whatever is left
+    # under pytest's temporary directories (and nothing else on the machine).
     awk '$0 ~ / - fuse\.piccolofs / || $0 ~ / - fuse\.gocryptfs / {print $5}' /proc/self/mountinfo \
-        | grep -E '^/tmp/' | while read -r m; do fusermount3 -uz "$m" 2>/dev/null || true; done
+        | grep -E '^/tmp/pytest-of-' | while read -r m; do fusermount3 -uz "$m" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
