@@ -67,24 +67,10 @@ def _fuse_options(opts: MountOptions) -> set[str]:
 
 
 def _raise_fd_limit() -> None:
-    """Every inode the kernel knows pins one O_PATH fd: allow as many as the system does
-    (root may raise the hard limit up to fs.nr_open; others get their hard limit)."""
+    """Use the descriptors we may: the inode fd cache sizes itself from the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        with open("/proc/sys/fs/nr_open") as f:
-            ceiling = int(f.read())
-    except (OSError, ValueError):
-        ceiling = hard
-    for want in (max(ceiling, hard), hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-            break
-        except (ValueError, OSError):
-            continue
-    new_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if new_soft < 65536:
-        log.warning("file descriptor limit is %d (was %d): large directories may fail with "
-                    "EMFILE", new_soft, soft)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Session:

@@ -225,10 +225,12 @@ def test_status_answers_while_a_kdf_runs(tmp_path: Path) -> None:
                                                     {"password": PASSWORD})
             finished.set()
 
+        setups = d.log().count("key derivation started")
         t = threading.Thread(target=unlock)
         t.start()
         try:
-            d.wait_for(lambda: "unlock" in d.log() or True, what="unlock started")
+            d.wait_for(lambda: d.log().count("key derivation started") > setups,
+                       what="the unlock's key derivation to start")
             answers = [d.call("GET", "/crypto/status") for _ in range(5)]
             assert all(a["initialized"] for a in answers)
             assert not finished.is_set()  # status came back while the KDF was still running

@@ -192,7 +192,7 @@ class ApiServer:
                             peer: Peer) -> Request | None:
         head: h11.Request | None = None
         body = bytearray()
-        with trio.move_on_after(READ_TIMEOUT):
+        with trio.move_on_after(READ_TIMEOUT) as deadline:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
@@ -210,8 +210,8 @@ class ApiServer:
                     break
                 elif isinstance(event, h11.ConnectionClosed):
                     return None
-        if head is None:
-            return None
+        if head is None or deadline.cancelled_caught:
+            return None  # nothing, or a request that did not arrive in time: drop it
         target = urllib.parse.urlsplit(head.target.decode("ascii", "replace"))
         return Request(
             method=head.method.decode(),

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -28,6 +29,8 @@ from ctl.keys import recovery
 from ctl.keys.keyset import SDEK_LEN, BadSecret, KdfParams, Keyset
 from ctl.paths import Paths
 from piccolofs.atomic import write_atomic
+
+log = logging.getLogger("ctl.keys")
 
 
 class Backoff:
@@ -120,7 +123,9 @@ class KeyManager:
 
     async def _kdf(self, fn: object, *args: object) -> object:
         assert callable(fn)
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._kdf_limiter)
+        async with self._kdf_limiter:
+            log.info("key derivation started (Argon2id, %d KiB)", self.kdf.memory)
+            return await trio.to_thread.run_sync(fn, *args)
 
     def _gate(self, client: str) -> None:
         wait = self.backoff.wait_for(client)
