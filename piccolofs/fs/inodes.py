@@ -19,7 +19,7 @@ import errno
 import os
 import resource
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 
@@ -45,7 +45,6 @@ class Inode:
     cfile: CryptFile | None = None
     symlink_len: int | None = None
     open_handles: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def is_dir(self) -> bool:
