@@ -213,13 +213,25 @@ class VolumeManager:
     # ---------------------------------------------------------------------------------
     # attach / detach / role
     # ---------------------------------------------------------------------------------
-    async def attach(self, volume_id: str, role: str) -> dict[str, Any]:
-        """Mount with `role`; idempotent, and flips the gate live if already mounted."""
+    def _granted(self, volume_id: str, role: str) -> Volume:
+        """The volume, if `role` is valid and (for leader) granted by the registry."""
         if role not in roles.ROLES:
             raise InvalidInput(f"role must be one of {', '.join(roles.ROLES)}")
         vol = self._get(volume_id)
         if role == roles.LEADER and not self.registry.may_lead(volume_id):
             raise NotLeader(f"leadership not granted for volume {volume_id}")
+        return vol
+
+    def _resume_role(self, vol: Volume) -> str:
+        """The role to re-attach with: the journaled one, demoted if no longer granted."""
+        role = vol.record.role if vol.record.role in roles.ROLES else roles.LEADER
+        if role == roles.LEADER and not self.registry.may_lead(vol.id):
+            role = roles.FOLLOWER
+        return role
+
+    async def attach(self, volume_id: str, role: str) -> dict[str, Any]:
+        """Mount with `role`; idempotent, and flips the gate live if already mounted."""
+        vol = self._granted(volume_id, role)
         async with vol.lock:
             self._cancel_retry(vol)
             await self._attach_locked(vol, role)
@@ -312,11 +324,8 @@ class VolumeManager:
                     if self.keys.locked:
                         self._journal(vol, observed="pending", cause="locked")
                         return
-                    role = vol.record.role if vol.record.role in roles.ROLES else roles.LEADER
-                    if role == roles.LEADER and not self.registry.may_lead(vol.id):
-                        role = roles.FOLLOWER
                     try:
-                        await self._attach_locked(vol, role)
+                        await self._attach_locked(vol, self._resume_role(vol))
                         vol.retry = None
                         return
                     except Exception as exc:
@@ -356,11 +365,7 @@ class VolumeManager:
 
     async def set_role(self, volume_id: str, role: str) -> dict[str, Any]:
         """Change a volume's role: live on a mounted volume, recorded otherwise."""
-        if role not in roles.ROLES:
-            raise InvalidInput(f"role must be one of {', '.join(roles.ROLES)}")
-        vol = self._get(volume_id)
-        if role == roles.LEADER and not self.registry.may_lead(volume_id):
-            raise NotLeader(f"leadership not granted for volume {volume_id}")
+        vol = self._granted(volume_id, role)
         if vol.record.desired_state == "mounted":
             return await self.attach(volume_id, role)
         async with vol.lock:
@@ -425,10 +430,7 @@ class VolumeManager:
                     async with vol.lock:
                         self._journal(vol, observed="pending", cause="locked")
                 return
-            role = r.role if r.role in roles.ROLES else roles.LEADER
-            if role == roles.LEADER and not self.registry.may_lead(vol.id):
-                role = roles.FOLLOWER
-            await self.attach(vol.id, role)
+            await self.attach(vol.id, self._resume_role(vol))
         else:
             await self.detach(vol.id, lazy=True)
 

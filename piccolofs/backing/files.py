@@ -111,26 +111,27 @@ class CryptFile:
             return 0
         if plain_off + len(data) > MAX_PLAIN_SIZE:
             raise OSError(errno.EFBIG, "file would exceed the largest size the format allows")
-        with self._undo_on_failure(fd, plain_off + len(data)):
-            return self._write(fd, plain_off, data)
+        with self._undo_on_failure(fd, plain_off + len(data)) as cipher_size:
+            return self._write(fd, plain_off, data, cipher_size)
 
     @contextlib.contextmanager
-    def _undo_on_failure(self, fd: int, plain_end: int) -> Iterator[None]:
+    def _undo_on_failure(self, fd: int, plain_end: int) -> Iterator[int]:
         """A write or truncate that reaches the last block or beyond and fails half-way
         (ENOSPC, EFBIG, EIO from the backing store) must not leave a torn block: put the old
         last block back and cut the file to its old length, so it reads as before. Writes
-        that stay inside earlier blocks replace whole blocks and change no length."""
+        that stay inside earlier blocks replace whole blocks and change no length.
+        Yields the backing size, so the operation does not stat the file again."""
         cipher_size = os.fstat(fd).st_size
         lay = self.layout
         last = max(0, lay.block_count(lay.plain_size(cipher_size)) - 1)
         if plain_end <= last * PLAIN_BLOCK and cipher_size > HEADER_LEN:
-            yield
+            yield cipher_size
             return
         tail_start = lay.block_offset(last) if cipher_size > HEADER_LEN else cipher_size
         tail = os.pread(fd, cipher_size - tail_start, tail_start) if cipher_size else b""
         file_id = self.file_id
         try:
-            yield
+            yield cipher_size
         except OSError:
             with contextlib.suppress(OSError):
                 if tail:
@@ -139,9 +140,8 @@ class CryptFile:
             self.file_id = file_id if cipher_size else None
             raise
 
-    def _write(self, fd: int, plain_off: int, data: bytes) -> int:
+    def _write(self, fd: int, plain_off: int, data: bytes, cipher_size: int) -> int:
         lay = self.layout
-        cipher_size = os.fstat(fd).st_size
         plain_size = lay.plain_size(cipher_size)
         end = plain_off + len(data)
         first, last = lay.block_range(plain_off, len(data))
@@ -184,12 +184,11 @@ class CryptFile:
     def truncate(self, fd: int, new_size: int) -> None:
         if new_size > MAX_PLAIN_SIZE:
             raise OSError(errno.EFBIG, "size exceeds the largest the format allows")
-        with self._undo_on_failure(fd, MAX_PLAIN_SIZE):
-            self._truncate(fd, new_size)
+        with self._undo_on_failure(fd, MAX_PLAIN_SIZE) as cipher_size:
+            self._truncate(fd, new_size, cipher_size)
 
-    def _truncate(self, fd: int, new_size: int) -> None:
+    def _truncate(self, fd: int, new_size: int, cipher_size: int) -> None:
         lay = self.layout
-        cipher_size = os.fstat(fd).st_size
         plain_size = lay.plain_size(cipher_size)
         if new_size == plain_size and not lay.has_fragment(cipher_size):
             os.ftruncate(fd, cipher_size)  # same size: still marks mtime/ctime, as POSIX says
