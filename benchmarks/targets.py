@@ -118,11 +118,13 @@ def target(kind: str, base: Path, sources: dict[str, Path] | None = None) -> Ite
         env = dict(os.environ)
         if "@" in kind:
             env["PYTHONPATH"] = str((sources or {})[kind.split("@", 1)[1]])
-        cmd = [sys.executable, "-m", "piccolofs"]
+        # PYTHONPATH, not the current directory, decides which code runs (older revisions
+        # start their mount process in the caller's cwd).
+        cmd = [sys.executable, "-P", "-m", "piccolofs"]
         subprocess.run([*cmd, "init", "--scryptn", "10", "--passfile", str(passfile),
-                        str(cipher)], check=True, capture_output=True, env=env)
+                        str(cipher)], check=True, capture_output=True, env=env, cwd=work)
         subprocess.run([*cmd, "mount", "--passfile", str(passfile), str(cipher), str(mnt)],
-                       check=True, capture_output=True, env=env)
+                       check=True, capture_output=True, env=env, cwd=work)
         pid = _pid_of(mnt, "piccolofs")
         notes = ["allow_other+default_permissions (as root)"]
     elif kind == "gocryptfs":

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--master-key-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
     mount.add_argument("--attr-timeout", type=float, default=1.0, metavar="S",
                        help="kernel attribute/entry cache time in seconds")
+    mount.add_argument("--spin-us", type=int, metavar="US",
+                       help="after a request, poll for the next one this long before sleeping "
+                            "(0: sleep at once; default 100)")
     mount.add_argument("--debug", action="store_true")
     password_args(mount)
 
@@ -181,6 +184,8 @@ def _mount_foreground(args: argparse.Namespace, cfg: gconfig.Config, key: bytear
         cipher_dir=args.cipherdir, mountpoint=args.mountpoint, read_only=args.ro,
         timeout=args.attr_timeout, ready_fd=args.ready_fd, ctl_fd=args.ctl_fd, debug=args.debug,
     )
+    if args.spin_us is not None:
+        opts.spin_us = args.spin_us
     try:
         return mount.run(cfg, key, opts)
     except RuntimeError as exc:
@@ -195,12 +200,16 @@ def _mount_background(args: argparse.Namespace, key: bytearray) -> int:
     cmd = [sys.executable, "-m", "piccolofs", "mount", "--foreground",
            "--master-key-fd", str(key_r), "--ready-fd", str(ready_w),
            "--attr-timeout", str(args.attr_timeout)]
+    if args.spin_us is not None:
+        cmd += ["--spin-us", str(args.spin_us)]
     if args.ro:
         cmd.append("--ro")
     if args.debug:
         cmd.append("--debug")
     cmd += ["--", os.path.abspath(args.cipherdir), os.path.abspath(args.mountpoint)]
-    child = subprocess.Popen(cmd, pass_fds=(key_r, ready_w), start_new_session=True,
+    # cwd "/": a long-lived mount process must not pin the caller's directory (or import
+    # modules from it).
+    child = subprocess.Popen(cmd, pass_fds=(key_r, ready_w), start_new_session=True, cwd="/",
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     os.close(key_r)

@@ -30,6 +30,7 @@ from piccolofs.format.config import Config
 from piccolofs.format.volume import VolumeCrypto
 from piccolofs.fs.errors import Counters
 from piccolofs.fs.operations import PiccoloOperations
+from piccolofs.fs.request_wait import DEFAULT_SPIN_US
 
 log = logging.getLogger("piccolofs.mount")
 
@@ -50,6 +51,7 @@ class MountOptions:
     ready_fd: int | None = None
     ctl_fd: int | None = None
     debug: bool = False
+    spin_us: int = DEFAULT_SPIN_US
 
 
 def _fuse_options(opts: MountOptions) -> set[str]:
@@ -120,6 +122,7 @@ class Session:
             "cpu_seconds": cpu.user + cpu.system,
             "internal_errors": Counters.internal_errors,
             "integrity_errors": Counters.integrity_errors,
+            **self.ops.requests.stats(),
         }
 
     async def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +169,7 @@ class Session:
     # -- lifecycle -----------------------------------------------------------------------
     def terminate(self) -> None:
         self.we_ended_it = True
+        self.ops.requests.stop()
         pyfuse3.terminate()
 
     async def _signals(self) -> None:
@@ -217,6 +221,7 @@ def run(cfg: Config, master_key: bytearray, opts: MountOptions) -> int:
     session = Session(ops, opts)
     ops._report = session.report
     pyfuse3.init(ops, opts.mountpoint, _fuse_options(opts))
+    ops.requests.install(opts.spin_us)
     try:
         trio.run(session.run)
     except BaseException:

@@ -65,7 +65,7 @@ class MountChild:
         cmd += ["--", str(self.cipher), str(self.mountpoint)]
         try:
             self.proc = await trio.lowlevel.open_process(
-                cmd, pass_fds=(child_sock.fileno(), pass_r), stdin=subprocess.DEVNULL,
+                cmd, pass_fds=(child_sock.fileno(), pass_r), cwd="/", stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL)
         finally:
             child_sock.close()

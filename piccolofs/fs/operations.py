@@ -3,7 +3,8 @@
 Every handler is wrapped by `fuse_op` (errno mapping) and, where it mutates, checks the
 read-only gate first. Handlers do their backing I/O inline: each runs to completion on the
 event loop without yielding, which makes one request's read-modify-write atomic with
-respect to every other request. Only fsync, whose latency is the disk's, goes to a thread.
+respect to every other request. Only fsync, whose latency is the disk's, goes to a thread
+(`_in_thread`, which lets another worker read requests meanwhile).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from piccolofs.format.names import (
 from piccolofs.format.volume import VolumeCrypto
 from piccolofs.fs.errors import Counters, fail, fuse_op
 from piccolofs.fs.inodes import ROOT, Inode, InodeTable
+from piccolofs.fs.request_wait import RequestWaiter
 
 log = logging.getLogger("piccolofs.fs")
 
@@ -85,6 +87,7 @@ class PiccoloOperations(pyfuse3.Operations):
         self._report = report or (lambda event: None)
         self._as_root = os.geteuid() == 0
         self.counters = Counters
+        self.requests = RequestWaiter()
 
     # ---------------------------------------------------------------------------------
     # gate, lookup helpers
@@ -98,6 +101,11 @@ class PiccoloOperations(pyfuse3.Operations):
         """A follower's backing store changes underneath it (the leader writes, replication
         delivers), so a follower lets the kernel cache nothing; a leader is the only writer."""
         return 0.0 if self.read_only else self.timeout
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """The one place a handler yields: blocking work whose latency is the disk's."""
+        with self.requests.offload():
+            return await trio.to_thread.run_sync(fn, *args)
 
     def _writable(self) -> None:
         if self.read_only:
@@ -635,7 +643,7 @@ class PiccoloOperations(pyfuse3.Operations):
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._file(fh)
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+        await self._in_thread(os.fdatasync if datasync else os.fsync, h.fd)
 
     # ---------------------------------------------------------------------------------
     # directories
@@ -694,7 +702,7 @@ class PiccoloOperations(pyfuse3.Operations):
             raise fail(errno.EBADF)
         dfd = syscalls.open_dir(self._fd(h.ino))
         try:
-            await trio.to_thread.run_sync(os.fsync, dfd)
+            await self._in_thread(os.fsync, dfd)
         finally:
             os.close(dfd)
 
