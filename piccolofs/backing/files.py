@@ -76,7 +76,8 @@ class CryptFile:
         return self.layout.plain_size(os.fstat(fd).st_size)
 
     # -- blocks --------------------------------------------------------------------------
-    def _read_blocks(self, fd: int, first: int, last: int, cipher_size: int) -> bytes:
+    def _read_blocks(self, fd: int, first: int, last: int,
+                     cipher_size: int) -> bytes | bytearray:
         """Plaintext of blocks first..last (the last may be short). Raises on a bad tag."""
         lay = self.layout
         start = lay.block_offset(first)
@@ -86,13 +87,14 @@ class CryptFile:
         ct = os.pread(fd, end - start, start)
         return self.codec.open_run(first, self._read_id(fd), ct)
 
-    def _old_block(self, fd: int, block: int, plain_size: int, cipher_size: int) -> bytes:
+    def _old_block(self, fd: int, block: int, plain_size: int,
+                   cipher_size: int) -> bytes | bytearray:
         if block * PLAIN_BLOCK >= plain_size:
             return b""
         return self._read_blocks(fd, block, block, cipher_size)
 
     # -- operations ----------------------------------------------------------------------
-    def read(self, fd: int, plain_off: int, size: int) -> bytes | memoryview:
+    def read(self, fd: int, plain_off: int, size: int) -> bytes | bytearray | memoryview:
         """Plaintext of a range; a view (no copy) when the range starts inside a block."""
         cipher_size = os.fstat(fd).st_size
         plain_size = self.layout.plain_size(cipher_size)
@@ -156,17 +158,17 @@ class CryptFile:
 
         start = first * PLAIN_BLOCK
         block_end = min((last + 1) * PLAIN_BLOCK, plain_size)
-        old: dict[int, bytes] = {}
+        old: dict[int, bytes | bytearray] = {}
 
-        def old_block(block: int) -> bytes:
+        def old_block(block: int) -> bytes | bytearray:
             if block not in old:
                 old[block] = self._old_block(fd, block, plain_size, cipher_size)
             return old[block]
 
-        head = b""
+        head: bytes | bytearray = b""
         if plain_off > start:
             head = old_block(first)[: plain_off - start].ljust(plain_off - start, b"\0")
-        tail = b""
+        tail: bytes | bytearray = b""
         if end < block_end:
             base = last * PLAIN_BLOCK
             tail = old_block(last)[end - base : block_end - base]

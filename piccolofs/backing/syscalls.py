@@ -115,3 +115,14 @@ def read_small(dir_fd: int, name: bytes, limit: int) -> bytes:
     if len(data) > limit:
         raise OSError(errno.EIO, f"{name!r} larger than {limit} bytes")
     return data
+
+
+# Filesystems whose fsync has nothing to wait for (statfs f_type).
+_MEMORY_FS_MAGIC = frozenset({0x01021994, 0x858458F6})  # tmpfs, ramfs
+
+
+def fsync_is_free(fd: int) -> bool:
+    """True if `fd` lives on a memory filesystem, where fsync returns at once."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs, f_type first
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FS_MAGIC

@@ -29,7 +29,8 @@ class ContentCipher(Protocol):
     nonce_len: int
     overhead: int
 
-    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+    def seal(self, plaintext: bytes | bytearray, aad: bytes,
+             nonce: bytes | None = None) -> bytes:
         """Return the sealed unit: nonce, tag and ciphertext in this cipher's layout."""
         ...
 
@@ -44,6 +45,12 @@ class ContentCipher(Protocol):
     def raw_open(self, nonce: bytes | memoryview, body: bytes | memoryview,
                  aad: bytes) -> bytes:
         """Open a sealed unit split into nonce and body; raises AuthenticationError."""
+        ...
+
+    def raw_open_into(self, nonce: bytes | memoryview, body: bytes | memoryview,
+                      aad: bytes, out: memoryview) -> None:
+        """raw_open into `out` (exactly the plaintext's length), without an allocation per
+        unit. On AuthenticationError `out` holds unauthenticated bytes: discard it."""
         ...
 
 
@@ -74,7 +81,15 @@ class AesGcm:
         except InvalidTag:
             raise AuthenticationError("AES-GCM tag mismatch") from None
 
-    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+    def raw_open_into(self, nonce: bytes | memoryview, body: bytes | memoryview,
+                      aad: bytes, out: memoryview) -> None:
+        try:
+            self._aead.decrypt_into(nonce, body, aad, out)
+        except InvalidTag:
+            raise AuthenticationError("AES-GCM tag mismatch") from None
+
+    def seal(self, plaintext: bytes | bytearray, aad: bytes,
+             nonce: bytes | None = None) -> bytes:
         nonce = os.urandom(self.nonce_len) if nonce is None else nonce
         return nonce + self._aead.encrypt(nonce, plaintext, aad)
 
@@ -105,7 +120,15 @@ class AesSiv:
         except InvalidTag:
             raise AuthenticationError("AES-SIV tag mismatch") from None
 
-    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+    def raw_open_into(self, nonce: bytes | memoryview, body: bytes | memoryview,
+                      aad: bytes, out: memoryview) -> None:
+        try:
+            self._aead.decrypt_into(body, [aad, bytes(nonce)], out)
+        except InvalidTag:
+            raise AuthenticationError("AES-SIV tag mismatch") from None
+
+    def seal(self, plaintext: bytes | bytearray, aad: bytes,
+             nonce: bytes | None = None) -> bytes:
         nonce = os.urandom(16) if nonce is None else nonce
         return nonce + self._aead.encrypt(plaintext, [aad, nonce])
 
@@ -137,10 +160,15 @@ class XChaCha20Poly1305:
         except nacl.exceptions.CryptoError:
             raise AuthenticationError("XChaCha20-Poly1305 tag mismatch") from None
 
-    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+    def raw_open_into(self, nonce: bytes | memoryview, body: bytes | memoryview,
+                      aad: bytes, out: memoryview) -> None:
+        out[:] = self.raw_open(nonce, body, aad)  # libsodium's binding has no in-place form
+
+    def seal(self, plaintext: bytes | bytearray, aad: bytes,
+             nonce: bytes | None = None) -> bytes:
         nonce = os.urandom(24) if nonce is None else nonce
         return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            plaintext, aad, nonce, self._key
+            bytes(plaintext), aad, nonce, self._key
         )
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:

@@ -4,7 +4,7 @@ Every handler is wrapped by `fuse_op` (errno mapping) and, where it mutates, che
 read-only gate first. Handlers do their backing I/O inline: each runs to completion on the
 event loop without yielding, which makes one request's read-modify-write atomic with
 respect to every other request. Only fsync, whose latency is the disk's, goes to a thread
-(`_in_thread`, which lets another worker read requests meanwhile).
+(`_sync_to_store`, which lets another worker read requests meanwhile).
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class PiccoloOperations(pyfuse3.Operations):
         self._as_root = os.geteuid() == 0
         self.counters = Counters
         self.requests = RequestWaiter()
+        self._fsync_free = syscalls.fsync_is_free(root_fd)
 
     # ---------------------------------------------------------------------------------
     # gate, lookup helpers
@@ -102,10 +103,14 @@ class PiccoloOperations(pyfuse3.Operations):
         delivers), so a follower lets the kernel cache nothing; a leader is the only writer."""
         return 0.0 if self.read_only else self.timeout
 
-    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """The one place a handler yields: blocking work whose latency is the disk's."""
+    async def _sync_to_store(self, fn: Callable[[int], None], fd: int) -> None:
+        """fsync/fdatasync, the one place a handler yields: its latency is the disk's. On a
+        memory filesystem it returns at once, and a thread would only add two wake-ups."""
+        if self._fsync_free:
+            fn(fd)
+            return
         with self.requests.offload():
-            return await trio.to_thread.run_sync(fn, *args)
+            await trio.to_thread.run_sync(fn, fd)
 
     def _writable(self) -> None:
         if self.read_only:
@@ -593,7 +598,7 @@ class PiccoloOperations(pyfuse3.Operations):
 
     @fuse_op
     async def read(  # type: ignore[override]  # pyfuse3 accepts any buffer, not only bytes
-            self, fh: int, off: int, size: int) -> bytes | memoryview:
+            self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         h = self._file(fh)
         assert h.ino.cfile is not None
         try:
@@ -643,7 +648,7 @@ class PiccoloOperations(pyfuse3.Operations):
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._file(fh)
-        await self._in_thread(os.fdatasync if datasync else os.fsync, h.fd)
+        await self._sync_to_store(os.fdatasync if datasync else os.fsync, h.fd)
 
     # ---------------------------------------------------------------------------------
     # directories
@@ -702,7 +707,7 @@ class PiccoloOperations(pyfuse3.Operations):
             raise fail(errno.EBADF)
         dfd = syscalls.open_dir(self._fd(h.ino))
         try:
-            await self._in_thread(os.fsync, dfd)
+            await self._sync_to_store(os.fsync, dfd)
         finally:
             os.close(dfd)
 
