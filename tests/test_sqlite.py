@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.mounts import PiccoloMount
+import pytest
+
+from piccolofs.backing.syscalls import fsync_is_free
+from tests.mounts import PiccoloMount, fsck_piccolofs, init_piccolofs
 
 
 def _open(path: Path) -> sqlite3.Connection:
@@ -26,7 +32,36 @@ def _writer(path: str, worker: int, rows: int) -> None:
     db.close()
 
 
-def test_sqlite_wal_workload(volume: PiccoloMount) -> None:
+@pytest.fixture(params=["disk", "memory"])
+def store_volume(request: pytest.FixtureRequest, tmp_path: Path,
+                 passfile: Path) -> Iterator[PiccoloMount]:
+    """A tree on the test's directory, and one on a fresh tmpfs (where fsync runs inline)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    memory = request.param == "memory"
+    if memory:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "tmpfs",
+                        str(store)], check=True, timeout=30)
+    try:
+        cipher = store / "cipher"
+        init_piccolofs(cipher, passfile)
+        if memory:
+            fd = os.open(cipher, os.O_PATH)
+            try:
+                assert fsync_is_free(fd)
+            finally:
+                os.close(fd)
+        with PiccoloMount(cipher, tmp_path / "mnt", passfile) as m:
+            yield m
+        res = fsck_piccolofs(cipher, passfile)
+        assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        if memory:
+            subprocess.run(["umount", "-l", str(store)], check=False, timeout=30)
+
+
+def test_sqlite_wal_workload(store_volume: PiccoloMount) -> None:
+    volume = store_volume
     path = volume.mnt / "control.db"
     db = _open(path)
     db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, worker INT, n INT, payload BLOB)")
