@@ -160,6 +160,32 @@ def test_swapped_blocks_fail() -> None:
     assert info.value.block_no == 0
 
 
+@pytest.mark.parametrize("variant", ["gcm", "siv", "xchacha"])
+def test_a_run_names_the_block_that_fails(variant: str) -> None:
+    """open_run decrypts in place: a bad block anywhere in a run fails the whole run and is
+    named; holes read as zeros; a short tail is refused."""
+    vol = _vol(variant)
+    codec = vol.blocks
+    cbs = codec.layout.cipher_block
+    plain = bytes(range(256)) * 16 * 3 + b"tail"
+    run = bytearray(b"".join(codec.seal(b, FILE_ID, plain[b * 4096 : (b + 1) * 4096])
+                             for b in range(4)))
+    assert codec.open_run(0, FILE_ID, bytes(run)) == plain
+    for block, at in ((0, 0), (1, cbs + 40), (2, 3 * cbs - 1), (3, len(run) - 1)):
+        bad = bytearray(run)
+        bad[at] ^= 0x01
+        with pytest.raises(content.BlockAuthError) as info:
+            codec.open_run(0, FILE_ID, bytes(bad))
+        assert info.value.block_no == block
+    holed = bytes(run[:cbs]) + bytes(cbs) + bytes(run[2 * cbs :])
+    assert codec.open_run(0, FILE_ID, holed) == plain[:4096] + bytes(4096) + plain[8192:]
+    with pytest.raises(content.BlockAuthError) as info:
+        codec.open_run(0, FILE_ID, bytes(run[: 3 * cbs + codec.cipher.overhead]))
+    assert info.value.block_no == 3
+    with pytest.raises(content.BlockAuthError):  # the same blocks at other positions
+        codec.open_run(1, FILE_ID, bytes(run))
+
+
 def test_header_rules() -> None:
     assert content.parse_header(content.new_header(FILE_ID)) == FILE_ID
     for bad in (bytes(18), b"\x00\x03" + FILE_ID, b"\x00\x02" + bytes(16), b"\x00\x02abc"):

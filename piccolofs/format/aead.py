@@ -12,6 +12,7 @@ master-key wrap; only the associated data differs. A block whose nonce is all ze
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import nacl.bindings
@@ -22,6 +23,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from piccolofs.format.errors import AuthenticationError
 
 TAG_LEN = 16
+
+
+OpenInto = Callable[[bytes, memoryview, bytes, memoryview], object]
 
 
 class ContentCipher(Protocol):
@@ -47,11 +51,15 @@ class ContentCipher(Protocol):
         """Open a sealed unit split into nonce and body; raises AuthenticationError."""
         ...
 
-    def raw_open_into(self, nonce: bytes | memoryview, body: bytes | memoryview,
-                      aad: bytes, out: memoryview) -> None:
-        """raw_open into `out` (exactly the plaintext's length), without an allocation per
-        unit. On AuthenticationError `out` holds unauthenticated bytes: discard it."""
-        ...
+    # Hot loops (BlockCodec.open_run) call `open_into(nonce, body, aad, out)` directly: it
+    # opens one unit into `out` (exactly the plaintext's length) and raises `tag_error` on
+    # a bad tag, after which `out` holds unauthenticated bytes that must be discarded. For
+    # AES-GCM it is the library's own method, so a block costs no Python frame.
+    @property
+    def open_into(self) -> OpenInto: ...
+
+    @property
+    def tag_error(self) -> type[Exception]: ...
 
 
 def _check_sealed(sealed: bytes, nonce_len: int) -> None:
@@ -66,10 +74,13 @@ class AesGcm:
     nonce_len = 16
     overhead = 16 + TAG_LEN
 
+    tag_error: type[Exception] = InvalidTag
+
     def __init__(self, key: bytes, nonce_len: int = 16) -> None:
         self._aead = AESGCM(key)
         self.nonce_len = nonce_len
         self.overhead = nonce_len + TAG_LEN
+        self.open_into: OpenInto = self._aead.decrypt_into
 
     def raw_seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
         return self._aead.encrypt(nonce, plaintext, aad)
@@ -81,12 +92,6 @@ class AesGcm:
         except InvalidTag:
             raise AuthenticationError("AES-GCM tag mismatch") from None
 
-    def raw_open_into(self, nonce: bytes | memoryview, body: bytes | memoryview,
-                      aad: bytes, out: memoryview) -> None:
-        try:
-            self._aead.decrypt_into(nonce, body, aad, out)
-        except InvalidTag:
-            raise AuthenticationError("AES-GCM tag mismatch") from None
 
     def seal(self, plaintext: bytes | bytearray, aad: bytes,
              nonce: bytes | None = None) -> bytes:
@@ -120,12 +125,10 @@ class AesSiv:
         except InvalidTag:
             raise AuthenticationError("AES-SIV tag mismatch") from None
 
-    def raw_open_into(self, nonce: bytes | memoryview, body: bytes | memoryview,
-                      aad: bytes, out: memoryview) -> None:
-        try:
-            self._aead.decrypt_into(body, [aad, bytes(nonce)], out)
-        except InvalidTag:
-            raise AuthenticationError("AES-SIV tag mismatch") from None
+    tag_error: type[Exception] = InvalidTag
+
+    def open_into(self, nonce: bytes, body: memoryview, aad: bytes, out: memoryview) -> None:
+        self._aead.decrypt_into(body, [aad, nonce], out)
 
     def seal(self, plaintext: bytes | bytearray, aad: bytes,
              nonce: bytes | None = None) -> bytes:
@@ -160,9 +163,12 @@ class XChaCha20Poly1305:
         except nacl.exceptions.CryptoError:
             raise AuthenticationError("XChaCha20-Poly1305 tag mismatch") from None
 
-    def raw_open_into(self, nonce: bytes | memoryview, body: bytes | memoryview,
-                      aad: bytes, out: memoryview) -> None:
-        out[:] = self.raw_open(nonce, body, aad)  # libsodium's binding has no in-place form
+    tag_error: type[Exception] = nacl.exceptions.CryptoError
+
+    def open_into(self, nonce: bytes, body: memoryview, aad: bytes, out: memoryview) -> None:
+        # libsodium's binding has no in-place form
+        out[:] = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            bytes(body), aad, nonce, self._key)
 
     def seal(self, plaintext: bytes | bytearray, aad: bytes,
              nonce: bytes | None = None) -> bytes:
