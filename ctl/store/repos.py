@@ -42,6 +42,19 @@ def _timestamp(value: Any, field: str) -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
 
 
+Schema = dict[str, type | tuple[type, ...]]
+
+
+def _check_fields(record: dict[str, Any], schema: Schema, what: str) -> None:
+    """Every field known and of its type (a JSON true/false is never a number)."""
+    for key, value in record.items():
+        kind = schema.get(key)
+        if kind is None:
+            raise InvalidInput(f"unknown {what} field {key!r}")
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise InvalidInput(f"{what} field {key!r} has the wrong type")
+
+
 def _json_bytes(value: Any, what: str) -> bytes:
     data = json.dumps(value, indent=2, sort_keys=False).encode()
     if len(data) > MAX_PAYLOAD:
@@ -124,7 +137,7 @@ class AuthRepo:
 
 
 # ---------------------------------------------------------------------------------------
-REMOTE_SCHEMA: dict[str, type | tuple[type, ...]] = {
+REMOTE_SCHEMA: Schema = {
     "endpoint": str, "device_secret": str, "solver": str, "tld": str,
     "portal_hostname": str, "dns_provider": str, "dns_credentials": dict, "enabled": bool,
     "issuer": str, "expires_at": str, "next_renewal": str, "last_handshake": str,
@@ -141,13 +154,7 @@ class RemoteRepo:
     def validate(config: Any) -> dict[str, Any]:
         if not isinstance(config, dict):
             raise InvalidInput("remote config must be a JSON object")
-        for key, value in config.items():
-            kind = REMOTE_SCHEMA.get(key)
-            if kind is None:
-                raise InvalidInput(f"unknown remote config field {key!r}")
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)
-                                               and kind != (dict, type(None))):
-                raise InvalidInput(f"remote config field {key!r} has the wrong type")
+        _check_fields(config, REMOTE_SCHEMA, "remote config")
         creds = config.get("dns_credentials", {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in creds.items()):
             raise InvalidInput("dns_credentials must map strings to strings")
@@ -177,7 +184,7 @@ class RemoteRepo:
 
 
 # ---------------------------------------------------------------------------------------
-APP_FIELDS: dict[str, type | tuple[type, ...]] = {
+APP_FIELDS: Schema = {
     "Name": str, "Version": str, "Image": str, "Enabled": bool, "Listeners": list,
     "Env": dict, "Volumes": list,
 }
@@ -193,12 +200,7 @@ class AppStateRepo:
             raise InvalidInput("app name must match [a-z0-9][a-z0-9._-]{0,62}")
         if not isinstance(record, dict):
             raise InvalidInput("app record must be a JSON object")
-        for key, value in record.items():
-            kind = APP_FIELDS.get(key)
-            if kind is None:
-                raise InvalidInput(f"unknown app field {key!r}")
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-                raise InvalidInput(f"app field {key!r} has the wrong type")
+        _check_fields(record, APP_FIELDS, "app")
         if record.get("Name", name) != name:
             raise InvalidInput("record Name differs from the app name")
         return {"Name": name, **{k: v for k, v in record.items() if k != "Name"}}

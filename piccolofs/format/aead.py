@@ -42,13 +42,9 @@ class ContentCipher(Protocol):
         """Return the plaintext or raise AuthenticationError; never partial output."""
         ...
 
-    def raw_seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
-        """The sealed unit without its nonce (hot path: the caller supplies nonces)."""
-        ...
-
-    def raw_open(self, nonce: bytes | memoryview, body: bytes | memoryview,
+    def raw_seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview,
                  aad: bytes) -> bytes:
-        """Open a sealed unit split into nonce and body; raises AuthenticationError."""
+        """The sealed unit without its nonce (hot path: the caller supplies nonces)."""
         ...
 
     # Hot loops (BlockCodec.open_run) call `open_into(nonce, body, aad, out)` directly: it
@@ -73,7 +69,6 @@ class AesGcm:
     name = "AES-256-GCM"
     nonce_len = 16
     overhead = 16 + TAG_LEN
-
     tag_error: type[Exception] = InvalidTag
 
     def __init__(self, key: bytes, nonce_len: int = 16) -> None:
@@ -82,21 +77,14 @@ class AesGcm:
         self.overhead = nonce_len + TAG_LEN
         self.open_into: OpenInto = self._aead.decrypt_into
 
-    def raw_seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
-        return self._aead.encrypt(nonce, plaintext, aad)
-
-    def raw_open(self, nonce: bytes | memoryview, body: bytes | memoryview,
+    def raw_seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview,
                  aad: bytes) -> bytes:
-        try:
-            return self._aead.decrypt(nonce, body, aad)
-        except InvalidTag:
-            raise AuthenticationError("AES-GCM tag mismatch") from None
-
+        return self._aead.encrypt(nonce, plaintext, aad)
 
     def seal(self, plaintext: bytes | bytearray, aad: bytes,
              nonce: bytes | None = None) -> bytes:
         nonce = os.urandom(self.nonce_len) if nonce is None else nonce
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+        return nonce + self.raw_seal(nonce, plaintext, aad)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         _check_sealed(sealed, self.nonce_len)
@@ -111,21 +99,14 @@ class AesSiv:
     name = "AES-SIV-512"
     nonce_len = 16
     overhead = 16 + TAG_LEN
+    tag_error: type[Exception] = InvalidTag
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESSIV(key)
 
-    def raw_seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
-        return self._aead.encrypt(plaintext, [aad, nonce])
-
-    def raw_open(self, nonce: bytes | memoryview, body: bytes | memoryview,
+    def raw_seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview,
                  aad: bytes) -> bytes:
-        try:
-            return self._aead.decrypt(body, [aad, bytes(nonce)])
-        except InvalidTag:
-            raise AuthenticationError("AES-SIV tag mismatch") from None
-
-    tag_error: type[Exception] = InvalidTag
+        return self._aead.encrypt(plaintext, [aad, nonce])
 
     def open_into(self, nonce: bytes, body: memoryview, aad: bytes, out: memoryview) -> None:
         self._aead.decrypt_into(body, [aad, nonce], out)
@@ -133,7 +114,7 @@ class AesSiv:
     def seal(self, plaintext: bytes | bytearray, aad: bytes,
              nonce: bytes | None = None) -> bytes:
         nonce = os.urandom(16) if nonce is None else nonce
-        return nonce + self._aead.encrypt(plaintext, [aad, nonce])
+        return nonce + self.raw_seal(nonce, plaintext, aad)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         _check_sealed(sealed, 16)
@@ -147,23 +128,15 @@ class XChaCha20Poly1305:
     name = "XChaCha20-Poly1305"
     nonce_len = 24
     overhead = 24 + TAG_LEN
+    tag_error: type[Exception] = nacl.exceptions.CryptoError
 
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def raw_seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+    def raw_seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview,
+                 aad: bytes) -> bytes:
         return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
             bytes(plaintext), aad, nonce, self._key)
-
-    def raw_open(self, nonce: bytes | memoryview, body: bytes | memoryview,
-                 aad: bytes) -> bytes:
-        try:
-            return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                bytes(body), aad, bytes(nonce), self._key)
-        except nacl.exceptions.CryptoError:
-            raise AuthenticationError("XChaCha20-Poly1305 tag mismatch") from None
-
-    tag_error: type[Exception] = nacl.exceptions.CryptoError
 
     def open_into(self, nonce: bytes, body: memoryview, aad: bytes, out: memoryview) -> None:
         # libsodium's binding has no in-place form
@@ -173,9 +146,7 @@ class XChaCha20Poly1305:
     def seal(self, plaintext: bytes | bytearray, aad: bytes,
              nonce: bytes | None = None) -> bytes:
         nonce = os.urandom(24) if nonce is None else nonce
-        return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            bytes(plaintext), aad, nonce, self._key
-        )
+        return nonce + self.raw_seal(nonce, plaintext, aad)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         _check_sealed(sealed, 24)
