@@ -51,7 +51,9 @@ class Controller:
             raise Locked("locked: unlock first")
 
     async def start(self) -> None:
-        """Start-up: reconcile journals with reality, then publish the (locked) state."""
+        """Start-up: clear what an earlier daemon left mounted (without ever waiting on a
+        dead mount), reconcile journals with reality, then publish the (locked) state."""
+        await self.volumes.sweep()
         await self.volumes.reconcile()
         self.bus.publish("lock_state_changed", {"locked": True})
 
@@ -61,6 +63,8 @@ class Controller:
             if not self.keys.initialized:
                 raise NotInitialized("not initialized: run setup first")
             if not self.keys.locked:
+                # Already unlocked: still a check of the secret, never a free "ok".
+                await self.keys.verify(password, recovery_key, client)
                 return
             if recovery_key is not None:
                 await self.keys.unlock_with_recovery(recovery_key, client)

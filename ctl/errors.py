@@ -73,3 +73,13 @@ class TooManyAttempts(CtlError):
 
 class Failed(CtlError):
     status, code = 500, "failed"
+
+
+class StateCorrupt(Failed):
+    """A state file the daemon cannot use as it is. The message names the file and what is
+    wrong with it; the file itself is left untouched (or kept aside) for the operator."""
+
+    code = "state_corrupt"
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}", file=str(path), reason=reason)

@@ -2,9 +2,14 @@
 
 Lifecycle, all owned by one trio nursery:
 
-    pyfuse3.init (kernel mount)  ->  FUSE main loop  ->  self-check stat of the mountpoint
-    ->  "ready" to the parent  ->  serve until unmounted, SIGTERM/SIGINT or "shutdown"
-    ->  pyfuse3.close (unmount only if we ended the session)
+    pyfuse3.init (kernel mount)  ->  FUSE main loop  ->  FUSE_INIT handled
+    ->  "ready" to the parent  ->  serve until unmounted, SIGTERM/SIGINT, "shutdown" or
+        the parent gone  ->  pyfuse3.close (unmount only if we ended the session)
+
+The process never touches its own mountpoint (a request to itself could wait for ever), and
+once it decides to end it leaves within EXIT_DEADLINE seconds whatever blocks it: a
+watchdog thread outside the interpreter dumps the stacks and exits, which closes /dev/fuse
+and so fails every request still pending on the mount.
 
 The parent learns of readiness over the control channel (`--ctl-fd`, see
 piccolofs.protocol) or a one-shot ready pipe (`--ready-fd`) used by `piccolofs mount`.
@@ -12,6 +17,7 @@ piccolofs.protocol) or a one-shot ready pipe (`--ready-fd`) used by `piccolofs m
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import resource
@@ -35,6 +41,7 @@ from piccolofs.fs.request_wait import DEFAULT_SPIN_US
 log = logging.getLogger("piccolofs.mount")
 
 READY_TIMEOUT = 30.0
+EXIT_DEADLINE = 10.0
 # Handlers finish without yielding (only fsync waits, in a thread), so a small fixed pool
 # of request readers suffices; keeping it warm avoids spawning a task per request.
 MIN_TASKS = 4
@@ -168,6 +175,8 @@ class Session:
 
     # -- lifecycle -----------------------------------------------------------------------
     def terminate(self) -> None:
+        if not self.we_ended_it:
+            faulthandler.dump_traceback_later(EXIT_DEADLINE, exit=True)
         self.we_ended_it = True
         self.ops.requests.stop()
         pyfuse3.terminate()
@@ -180,9 +189,12 @@ class Session:
                 return
 
     async def _announce_ready(self) -> None:
-        # A stat through the kernel proves the session answers requests.
-        with trio.fail_after(READY_TIMEOUT):
-            await trio.to_thread.run_sync(os.stat, self.opts.mountpoint)
+        with trio.move_on_after(READY_TIMEOUT) as timeout:
+            await self.ops.initialized.wait()
+        if timeout.cancelled_caught:
+            log.error("the kernel sent no FUSE_INIT within %.0f s; unmounting", READY_TIMEOUT)
+            self.terminate()
+            return
         if self.opts.ready_fd is not None:
             try:
                 os.write(self.opts.ready_fd, b"ready\n")

@@ -39,13 +39,13 @@ class Daemon:
     def client(self) -> Client:
         return Client(str(self.socket), timeout=60)
 
-    def start(self) -> Daemon:
+    def start(self, ready_timeout: float = READY_TIMEOUT) -> Daemon:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify_path = self.base / "notify.sock"
         if notify_path.exists():
             notify_path.unlink()
         notify.bind(str(notify_path))
-        notify.settimeout(READY_TIMEOUT)
+        notify.settimeout(ready_timeout)
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
         env.pop("PICCOLO_STATE_DIR", None)
         with open(self.log_path, "ab") as log:
@@ -126,7 +126,10 @@ class Daemon:
         self.proc.wait(timeout=10)
         self.proc = None
 
-    def stop(self) -> int | None:
+    def stop(self, release: bool = True) -> int | None:
+        """SIGTERM and wait; `release` also lifts the mountpoints' write guard (for the
+        temporary directory's removal) — tests that look at a stopped daemon's state keep
+        it."""
         code = None
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
@@ -141,11 +144,8 @@ class Daemon:
                 child.wait(timeout=20)
             except psutil.TimeoutExpired:
                 child.kill()
-        mounts = self.state / "mounts"
-        if mounts.exists():
-            for m in mounts.iterdir():
-                if is_mounted(m):
-                    force_unmount(m)
+        if release:
+            release_mountpoints(self.state)
         return code
 
     def __enter__(self) -> Daemon:
@@ -153,6 +153,21 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def release_mountpoints(state: Path) -> None:
+    """Unmount what is left and lift the mountpoints' write guard, so the test's temporary
+    directory can be removed."""
+    from ctl.volumes import mountpoint
+
+    mounts = state / "mounts"
+    if mounts.exists():
+        for entry in os.scandir(mounts):
+            m = Path(entry.path)
+            if is_mounted(m):
+                force_unmount(m)
+            if not is_mounted(m) and entry.is_dir(follow_symlinks=False):
+                mountpoint.release(m)
 
 
 def volume_passphrase(state: Path, vid: str, password: str = PASSWORD) -> bytes:

@@ -114,14 +114,25 @@ def test_backoff_grows_and_decays() -> None:
     now = [1000.0]
     b = Backoff(clock=lambda: now[0])
     for _ in range(Backoff.FREE):
-        assert b.wait_for("uid:1") == 0
-        b.failure("uid:1")
-    b.failure("uid:1")
-    assert b.wait_for("uid:1") > 0 and b.wait_for("uid:2") == 0  # per client
+        b.admit("uid:1")  # the first FREE attempts are free...
+    with pytest.raises(TooManyAttempts):
+        b.admit("uid:1")  # ...and the next one is not, even a moment later
+    b.admit("uid:2")  # per client
+    now[0] += 1.5
+    with pytest.raises(TooManyAttempts):
+        b.admit("uid:1")
+    now[0] += 1
+    b.admit("uid:1")  # ~2 s after the third
+    with pytest.raises(TooManyAttempts):
+        b.admit("uid:1")  # and then ~4 s
     now[0] += 3600
-    assert b.wait_for("uid:1") == 0  # decayed
+    b.admit("uid:1")  # decayed
     b.success("uid:1")
     assert b.wait_for("uid:1") == 0
+    for _ in range(Backoff.FREE):
+        b.admit("uid:3")
+    b.refund("uid:3")  # an attempt that checked nothing costs nothing
+    b.admit("uid:3")
 
 
 async def test_key_manager_locks_by_zeroing(tmp_path: Path) -> None:
@@ -134,10 +145,8 @@ async def test_key_manager_locks_by_zeroing(tmp_path: Path) -> None:
     for _ in range(Backoff.FREE):
         with pytest.raises(Unauthorized):
             await km.unlock(b"bad", "c")
-    with pytest.raises(Unauthorized):
-        await km.unlock(b"bad", "c")
     with pytest.raises(TooManyAttempts):
-        await km.unlock(b"pw", "c")
+        await km.unlock(b"pw", "c")  # the attempt after the free ones waits, right or not
     await km.unlock(b"pw", "other-client")
     held = km._sdek
     assert held is not None and any(held)

@@ -21,7 +21,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 SDEK_LEN = 32
 SALT_LEN = 16
+MIN_SALT = 8  # Argon2's own minimum
 NONCE_LEN = 12
+# Bounds on what a keyset may ask of the KDF: a tampered file must not make an unlock
+# allocate terabytes or run for days.
+MAX_TIME = 64
+MAX_THREADS = 64
+MAX_MEMORY = 4 * 1024 * 1024  # KiB
 
 
 class KeysetError(Exception):
@@ -55,7 +61,8 @@ class KdfParams:
     def validate(self) -> None:
         if self.alg != "argon2id":
             raise KeysetError(f"unsupported kdf: {self.alg}")
-        if self.time < 1 or self.threads < 1 or self.memory < 8 * self.threads:
+        if not (1 <= self.time <= MAX_TIME and 1 <= self.threads <= MAX_THREADS
+                and 8 * self.threads <= self.memory <= MAX_MEMORY):
             raise KeysetError("kdf parameters out of range")
 
     def derive(self, secret: bytes, salt: bytes) -> bytes:
@@ -147,16 +154,25 @@ class Keyset:
         if not isinstance(obj, dict) or not isinstance(obj.get("kdf"), dict):
             raise KeysetError("keyset.json lacks its kdf section")
         k = obj["kdf"]
-        try:
-            kdf = KdfParams(time=int(k["time"]), memory=int(k["memory"]),
-                            threads=int(k["threads"]), alg=str(k["alg"]))
-        except (KeyError, TypeError, ValueError):
-            raise KeysetError("keyset kdf section is malformed") from None
+        ints = [k.get(f) for f in ("time", "memory", "threads")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) \
+                or not isinstance(k.get("alg"), str):
+            raise KeysetError("keyset kdf section is malformed")
+        kdf = KdfParams(time=ints[0], memory=ints[1], threads=ints[2], alg=k["alg"])
         kdf.validate()
         rk = {}
         if obj.get("sdek_rk"):
             rk = {"rk_salt": unb64(obj.get("rk_salt"), "rk_salt"),
                   "rk_nonce": unb64(obj.get("rk_nonce"), "rk_nonce"),
                   "sdek_rk": unb64(obj.get("sdek_rk"), "sdek_rk")}
-        return cls(sdek=unb64(obj.get("sdek"), "sdek"), salt=unb64(obj.get("salt"), "salt"),
-                   nonce=unb64(obj.get("nonce"), "nonce"), kdf=kdf, **rk)
+        ks = cls(sdek=unb64(obj.get("sdek"), "sdek"), salt=unb64(obj.get("salt"), "salt"),
+                 nonce=unb64(obj.get("nonce"), "nonce"), kdf=kdf, **rk)
+        for name in ("salt", "rk_salt"):
+            salt = getattr(ks, name)
+            if (salt or name == "salt") and not MIN_SALT <= len(salt) <= 64:
+                raise KeysetError(f"keyset field {name} has the wrong length")
+        for name in ("nonce", "rk_nonce"):
+            nonce = getattr(ks, name)
+            if (nonce or name == "nonce") and len(nonce) != NONCE_LEN:
+                raise KeysetError(f"keyset field {name} must be {NONCE_LEN} bytes")
+        return ks

@@ -3,7 +3,10 @@
 - Each Argon2id derivation runs in a worker thread behind a limiter of one, so status
   requests are never blocked by a KDF in progress.
 - Wrong secrets are answered with a clear error and a per-client back-off that decays over
-  time (`Backoff`): the first few attempts are free, then the wait doubles.
+  time (`Backoff`): one budget for every route that checks a secret, charged before the
+  KDF starts; the first few attempts are free, then the wait doubles.
+- A keyset that cannot be used is a StateCorrupt error naming the file and the fault; the
+  file itself is never touched.
 - The SDEK lives in one bytearray that `lock()` overwrites with zeros; callers get copies.
 - Every keyset write is atomic (temp, fsync, rename, directory fsync) with mode 0600.
 """
@@ -22,23 +25,34 @@ from ctl.errors import (
     InvalidInput,
     Locked,
     NotInitialized,
+    StateCorrupt,
     TooManyAttempts,
     Unauthorized,
 )
 from ctl.keys import recovery
-from ctl.keys.keyset import SDEK_LEN, BadSecret, KdfParams, Keyset
+from ctl.keys.keyset import SDEK_LEN, BadSecret, KdfParams, Keyset, KeysetError
 from ctl.paths import Paths
 from piccolofs.atomic import write_atomic
 
 log = logging.getLogger("ctl.keys")
+MAX_KEYSET = 64 * 1024
 
 
 class Backoff:
-    """Per-client failure score with exponential decay; waits grow past FREE failures."""
+    """One budget of attempts at a secret per client, shared by every route that checks one.
+
+    An attempt is charged when it is admitted, *before* its KDF starts, so concurrent
+    guesses cannot all slip through while the first ones are still being checked; a right
+    secret clears the client's score, an attempt that checked nothing is refunded. Scores
+    decay with a half-life. Attempt n (counting the one being admitted) is free while
+    n <= FREE; after that it is admitted only 2^(n - FREE) s (at most MAX_DELAY) after the
+    previous one.
+    """
 
     FREE = 3
     HALF_LIFE = 300.0
     MAX_DELAY = 60.0
+    MAX_CLIENTS = 4096
 
     def __init__(self, clock: object = time.monotonic) -> None:
         self._clock = clock
@@ -53,18 +67,35 @@ class Backoff:
         return score * math.pow(0.5, (self._now() - last) / self.HALF_LIFE), last
 
     def wait_for(self, client: str) -> float:
+        """Seconds until `client` may make its next attempt (0: now)."""
         score, last = self._score(client)
-        if score < self.FREE:
+        n = score + 1
+        if n <= self.FREE:
             return 0.0
-        delay = min(2 ** (score - self.FREE), self.MAX_DELAY)
-        return max(0.0, last + delay - self._now())
+        return max(0.0, last + min(2 ** (n - self.FREE), self.MAX_DELAY) - self._now())
 
-    def failure(self, client: str) -> None:
+    def admit(self, client: str) -> None:
+        """Charge one attempt, or raise TooManyAttempts saying how long to wait."""
+        wait = self.wait_for(client)
+        if wait > 0:
+            raise TooManyAttempts(wait)
         score, _ = self._score(client)
+        if client not in self._state and len(self._state) >= self.MAX_CLIENTS:
+            self._forget_settled()
         self._state[client] = (score + 1, self._now())
+
+    def refund(self, client: str) -> None:
+        score, last = self._score(client)
+        self._state[client] = (max(0.0, score - 1), last)
 
     def success(self, client: str) -> None:
         self._state.pop(client, None)
+
+    def _forget_settled(self) -> None:
+        """Bound the table: drop the clients whose score has decayed the most."""
+        ranked = sorted(self._state, key=lambda c: self._score(c)[0])
+        for c in ranked[: len(ranked) // 2]:
+            del self._state[c]
 
 
 class KeyManager:
@@ -85,10 +116,17 @@ class KeyManager:
         return self._sdek is None
 
     def _load(self) -> Keyset:
+        path = self.paths.keyset
         try:
-            return Keyset.parse(self.paths.keyset.read_bytes())
+            if path.stat().st_size > MAX_KEYSET:
+                raise StateCorrupt(path, "implausibly large for a keyset")
+            return Keyset.parse(path.read_bytes())
         except FileNotFoundError:
             raise NotInitialized("not initialized") from None
+        except OSError as exc:
+            raise StateCorrupt(path, f"cannot be read: {exc.strerror}") from None
+        except KeysetError as exc:
+            raise StateCorrupt(path, str(exc)) from None
 
     def status(self) -> dict[str, bool]:
         initialized = self.initialized
@@ -127,11 +165,6 @@ class KeyManager:
             log.info("key derivation started (Argon2id, %d KiB)", self.kdf.memory)
             return await trio.to_thread.run_sync(fn, *args)
 
-    def _gate(self, client: str) -> None:
-        wait = self.backoff.wait_for(client)
-        if wait > 0:
-            raise TooManyAttempts(wait)
-
     # -- operations ----------------------------------------------------------------------
     async def setup(self, password: bytes) -> None:
         """Create the SDEK sealed under the password. Leaves the manager locked."""
@@ -147,15 +180,36 @@ class KeyManager:
         self._write(keyset)
 
     async def _open(self, client: str, opener: object, *args: object) -> bytearray:
-        self._gate(client)
+        """Every check of a secret goes through here, and so through the one budget."""
+        self.backoff.admit(client)
         try:
             sdek = await self._kdf(opener, *args)
         except BadSecret:
-            self.backoff.failure(client)
             raise Unauthorized("invalid password or recovery key") from None
+        except KeysetError as exc:
+            self.backoff.refund(client)
+            raise StateCorrupt(self.paths.keyset, str(exc)) from None
+        except BaseException:
+            self.backoff.refund(client)
+            raise
         self.backoff.success(client)
         assert isinstance(sdek, bytearray)
         return sdek
+
+    async def verify(self, password: bytes | None, recovery_text: str | None,
+                     client: str) -> None:
+        """Check a secret without changing anything (unlock while already unlocked)."""
+        keyset = self._load()
+        if recovery_text is not None:
+            key = self._normalize(recovery_text)
+            if not keyset.has_recovery:
+                raise NotInitialized("recovery key not set")
+            sdek = await self._open(client, keyset.open_with_recovery, key)
+        else:
+            if not password:
+                raise InvalidInput("password required")
+            sdek = await self._open(client, keyset.open_with_password, password)
+        sdek[:] = bytes(len(sdek))
 
     async def unlock(self, password: bytes, client: str) -> None:
         if not password:

@@ -47,6 +47,9 @@ class ControlStore:
         self._wake_check = trio.Event()
         self._wake_role = trio.Event()
         self._volume_writable = False
+        self._volume_mounted = False
+        self._volume_error = ""
+        self._reopen = False
         self.health: dict[str, Any] = {"status": "unknown", "message": "control store locked",
                                        "checked_at": utc_now()}
 
@@ -79,6 +82,7 @@ class ControlStore:
     async def close(self) -> None:
         """TRUNCATE checkpoint and close (before lock, detach or export)."""
         db, self._db = self._db, None
+        self._reopen = False
         if db is not None:
             try:
                 await self._thread(db.close)
@@ -97,6 +101,13 @@ class ControlStore:
                 return
             self._volume_writable = (data.get("role") == roles.LEADER
                                      and data.get("observed_state") == "mounted")
+            mounted = data.get("observed_state") == "mounted"
+            if mounted != self._volume_mounted:
+                self._volume_mounted = mounted
+                if not mounted and self._db is not None:
+                    self._reopen = True  # the connection's files belong to the lost mount
+                self._volume_error = str(data.get("last_error") or "")
+                self._wake_check.set()
         elif data.get("resource") == RESOURCE:
             self.role = str(data.get("role"))  # a demotion refuses writes from now on
         else:
@@ -177,6 +188,18 @@ class ControlStore:
             self._set_health("unknown", "control store locked")
             return self.health
         assert db is not None
+        if not self._volume_mounted:
+            # The database may still answer through descriptors it holds, but new files
+            # (journal, WAL) cannot be made: health says what is really wrong.
+            self._set_health("error", "the control volume is not mounted"
+                             + (f": {self._volume_error}" if self._volume_error else ""))
+            return self.health
+        if self._reopen:
+            try:
+                db = await self._reopen_on_new_mount(db)
+            except (sqlite3.Error, OSError) as exc:
+                self._set_health("error", f"reopening on the remounted control volume: {exc}")
+                return self.health
         try:
             issues = await self._thread(db.quick_check)
         except sqlite3.Error as exc:
@@ -190,6 +213,17 @@ class ControlStore:
         if not db.read_only:
             await self._repair(db)
         return self.health
+
+    async def _reopen_on_new_mount(self, old: ControlDB) -> ControlDB:
+        """The control volume came back as a new mount: a connection opened on the old one
+        would keep writing to files nobody else sees. Open anew, then drop the old one."""
+        log.info("control store: the control volume was remounted; reopening")
+        self._db = await self._thread(ControlDB, self.db_path, old.read_only,
+                                      self.checkpoint_every)
+        self._reopen = False
+        with contextlib.suppress(sqlite3.Error, OSError):
+            await self._thread(old.close)
+        return self._db
 
     async def _repair(self, db: ControlDB) -> None:
         self._db = None

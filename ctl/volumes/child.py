@@ -2,12 +2,15 @@
 
 The passphrase goes over a pipe that the child reads once and closes; the control channel is
 a socketpair (piccolofs.protocol). `run` is meant for `nursery.start`: it reports started
-only once the child says *ready* (the kernel mount answers requests), then keeps reading
-the channel and returns the child's exit code when the process ends, whatever the reason.
+only once the child says *ready* (the kernel has sent FUSE_INIT) and mountinfo shows the
+child's mount of this cipher dir at the mountpoint, then keeps reading the channel and
+returns the child's exit code when the process ends, whatever the reason. The child's
+stderr is forwarded to the daemon's log; its last error line is what a failed mount says.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -20,10 +23,15 @@ from typing import Any
 import trio
 
 from ctl.errors import Busy, Failed
+from ctl.volumes import mountinfo
 from piccolofs import protocol
 
 log = logging.getLogger("ctl.volumes")
 
+FSTYPE = "fuse.piccolofs"
+LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+          "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+MAX_LINE = 4096
 READY_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 15.0
 EXIT_TIMEOUT = 15.0
@@ -49,6 +57,7 @@ class MountChild:
         self._send_lock = trio.Lock()
         self.exited = trio.Event()
         self.returncode: int | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
 
     @property
     def pid(self) -> int | None:
@@ -66,7 +75,7 @@ class MountChild:
         try:
             self.proc = await trio.lowlevel.open_process(
                 cmd, pass_fds=(child_sock.fileno(), pass_r), cwd="/", stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL)
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         finally:
             child_sock.close()
             os.close(pass_r)
@@ -77,47 +86,105 @@ class MountChild:
         parent_sock.setblocking(False)
         self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
         lines = protocol.LineBuffer()
-        started = False
+        failure: str | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._wait_exit, nursery.cancel_scope)
+                failure = "exited before it was ready"
                 with trio.move_on_after(READY_TIMEOUT) as timeout:
-                    ready = await self._read_until_ready(lines)
-                if timeout.cancelled_caught or not ready:
-                    await self._kill()
-                    raise MountFailed(f"volume {self.volume_id}: mount process did not become "
-                                      f"ready (exit code {self.returncode})")
-                task_status.started()
-                started = True
-                await self._read_loop(lines)
+                    await self._read_until_ready(lines)
+                    problem = self.problem()
+                    failure = None if problem is None else f"reported ready, but {problem}"
+                if timeout.cancelled_caught:
+                    failure = f"did not become ready within {READY_TIMEOUT:.0f} s"
+                if failure is None:
+                    task_status.started()
+                    await self._read_loop(lines)
+                else:
+                    await self.kill()
         finally:
             await self._stream.aclose()
             for event, _ in self._pending.values():
                 event.set()
-        if not started:
-            raise MountFailed(f"volume {self.volume_id}: mount process exited with code "
-                              f"{self.returncode} before it was ready")
+        # Raised here, outside the nursery, so the caller sees MountFailed itself (with the
+        # mount process's own last words), never an exception group.
+        if failure is not None:
+            raise MountFailed(f"volume {self.volume_id}: mount process {failure} "
+                              f"(exit code {self.returncode}){self._last_words()}")
         assert self.returncode is not None
         return self.returncode
 
+    def problem(self, mounts: dict[str, mountinfo.Mount] | None = None) -> str | None:
+        """Why mountinfo does not show our mount of our cipher dir at the mountpoint."""
+        path = mountinfo.canonical(self.mountpoint)
+        m = (mounts if mounts is not None else mountinfo.mounts()).get(path)
+        if m is None:
+            return "the mount is gone from the mountpoint"
+        if m.fstype != FSTYPE or m.source != str(self.cipher):
+            return f"{m.fstype} from {m.source} is mounted at the mountpoint instead"
+        return None
+
+    def _last_words(self) -> str:
+        """The child's last error line ("piccolofs: ..." or a logged ERROR), else its last."""
+        for line in reversed(self.stderr_tail):
+            for marker in ("piccolofs: ", " ERROR ", " CRITICAL "):
+                if marker in line:
+                    return ": " + line.split(marker, 1)[1]
+        return f": {self.stderr_tail[-1]}" if self.stderr_tail else ""
+
     async def _wait_exit(self, scope: trio.CancelScope) -> None:
-        assert self.proc is not None
+        assert self.proc is not None and self.proc.stderr is not None
+        await self._pump_stderr(self.proc.stderr)
         self.returncode = await self.proc.wait()
         self.exited.set()
         scope.cancel()
 
-    async def _read_until_ready(self, lines: protocol.LineBuffer) -> bool:
+    async def _pump_stderr(self, stream: trio.abc.ReceiveStream) -> None:
+        """Forward the child's log lines to ours and keep the last few for error messages.
+        Ends at EOF, i.e. when the child (and anything holding its stderr) has exited."""
+        buf = b""
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                break
+            buf += data
+            *done, buf = buf.split(b"\n")
+            buf = buf[-MAX_LINE:]
+            for raw in done:
+                self._child_line(raw)
+        if buf:
+            self._child_line(buf)
+
+    def _child_line(self, raw: bytes) -> None:
+        line = raw[:MAX_LINE].decode(errors="replace").rstrip()
+        if not line:
+            return
+        self.stderr_tail.append(line)
+        level = next((lv for name, lv in LEVELS.items() if f" {name} " in line), logging.INFO)
+        log.log(level, "volume %s: %s", self.volume_id, line)
+
+    async def _read_until_ready(self, lines: protocol.LineBuffer) -> None:
+        """Returns on "ready"; a channel closed before it waits for the exit (which cancels)."""
         assert self._stream is not None
         while True:
-            data = await self._stream.receive_some(65536)
+            try:
+                data = await self._stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
             if not data:
-                await self.exited.wait()
-                return False
-            for line in lines.feed(data):
-                msg = protocol.decode(line)
-                if msg.get("event") == "ready":
-                    return True
-                self._dispatch(msg)
+                await trio.sleep_forever()
+            try:
+                for line in lines.feed(data):
+                    msg = protocol.decode(line)
+                    if msg.get("event") == "ready":
+                        return
+                    self._dispatch(msg)
+            except protocol.ProtocolError as exc:
+                log.warning("volume %s: bad message from mount process: %s",
+                            self.volume_id, exc)
 
     async def _read_loop(self, lines: protocol.LineBuffer) -> None:
         assert self._stream is not None
@@ -187,13 +254,13 @@ class MountChild:
         with trio.move_on_after(DRAIN_GRACE if lazy else EXIT_TIMEOUT):
             await self.exited.wait()
         if not self.exited.is_set() and not lazy:
-            await self._kill()
+            await self.kill()
 
     @property
     def draining(self) -> bool:
         return not self.exited.is_set()
 
-    async def _kill(self) -> None:
+    async def kill(self) -> None:
         if self.proc is not None and not self.exited.is_set():
             self.proc.kill()
             with trio.move_on_after(5):

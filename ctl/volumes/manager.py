@@ -5,6 +5,12 @@ journal first (atomically) and then published as `volume_state_changed` with exa
 journal record. Mount processes are children supervised in the manager's nursery: a child
 that dies is noticed at once, journaled as an error, its stale mount cleaned, and — while
 the intent is `mounted` — re-attached with exponential back-off.
+
+`observed_state=mounted` means: our mount process runs and mountinfo shows its FUSE mount of
+the volume's cipher dir at the mountpoint. A watcher compares the two every few seconds, and
+`info` reports what it finds, so a mount that vanished is never reported as mounted. A
+mountpoint with nothing on it refuses every write (ctl.volumes.mountpoint). Nothing here
+stats a mountpoint: a dead FUSE mount would hang the daemon (ctl.volumes.mountinfo).
 """
 
 from __future__ import annotations
@@ -22,12 +28,21 @@ from typing import Any
 import trio
 
 from ctl import roles
-from ctl.errors import Busy, Failed, InvalidInput, NotFound, NotLeader
+from ctl.errors import (
+    Busy,
+    Conflict,
+    CtlError,
+    Failed,
+    InvalidInput,
+    NotFound,
+    NotLeader,
+    StateCorrupt,
+)
 from ctl.events import EventBus
 from ctl.keys.manager import KeyManager
-from ctl.paths import Paths
-from ctl.volumes import journal, mountinfo
-from ctl.volumes.child import MountChild, MountFailed
+from ctl.paths import BOOTSTRAP, CONTROL, Paths
+from ctl.volumes import journal, mountinfo, mountpoint
+from ctl.volumes.child import MountChild
 from ctl.volumes.journal import JournalRecord
 from ctl.volumes.metadata import (
     CLASSES,
@@ -38,13 +53,16 @@ from ctl.volumes.metadata import (
     new_passphrase,
 )
 from piccolofs.atomic import write_atomic
-from piccolofs.backing.tree import init_tree
+from piccolofs.backing.tree import CipherDirError, conf_path, init_tree, load_config
 from piccolofs.format.config import InitOptions
+from piccolofs.format.errors import FormatError
 
 log = logging.getLogger("ctl.volumes")
 
 VOLUME_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 RETRY_DELAYS = (0.5, 1, 2, 4, 8, 16, 30, 60)
+WATCH_INTERVAL = 2.0
+CORE = (BOOTSTRAP, CONTROL)  # attached and detached by unlock and lock, not by operators
 
 
 @dataclass(eq=False)
@@ -56,6 +74,14 @@ class Volume:
     expected_exit: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
     retry: trio.CancelScope | None = None
+    # Set when the journal was corrupt: the intent is unknown until an operator (or, for
+    # the core volumes, unlock) states it; until then nothing acts on a guessed one.
+    intent_lost: str | None = None
+    guard_error: str | None = None
+
+
+def _message(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, CtlError) else str(exc) or type(exc).__name__
 
 
 def _fsync_dir(path: os.PathLike[str] | str) -> None:
@@ -88,20 +114,38 @@ class VolumeManager:
             self._load()
             sub = self.bus.subscribe(["leadership_role_changed"])
             nursery.start_soon(self._follow_roles, sub)
+            nursery.start_soon(self._watch)
             task_status.started()
 
     def _load(self) -> None:
+        """Read every journal. A bad one flags its volume and is kept aside; it never stops
+        the daemon nor the other volumes."""
         if not self.paths.journal_dir.exists():
             return
         for entry in sorted(self.paths.journal_dir.iterdir()):
-            if not VOLUME_ID.match(entry.name):
+            if not VOLUME_ID.match(entry.name) or not entry.is_dir():
                 continue
+            path = self.paths.journal(entry.name)
+            vol = Volume(entry.name, JournalRecord())
             try:
-                record = journal.read(self.paths.journal(entry.name)) or JournalRecord()
+                vol.record = journal.read(path) or JournalRecord()
+                if not path.exists() and journal.kept_aside(path):
+                    self._lose_intent(vol, f"its journal was corrupt and kept as "
+                                           f"{journal.kept_aside(path)[-1].name}")
             except journal.CorruptJournal as exc:
-                log.error("%s; starting that volume from a fresh record", exc)
-                record = JournalRecord(needs_repair=True, last_error=str(exc))
-            self._vols[entry.name] = Volume(entry.name, record)
+                try:
+                    aside = journal.set_aside(path)
+                    self._lose_intent(vol, f"{exc}; kept as {aside.name}")
+                except OSError as err:
+                    self._lose_intent(vol, f"{exc}; cannot keep it aside: {err.strerror}")
+            self._vols[entry.name] = vol
+
+    def _lose_intent(self, vol: Volume, why: str) -> None:
+        vol.intent_lost = (f"{why}; the volume's intent is unknown: attach or detach it to "
+                           "set it")
+        log.error("volume %s: %s", vol.id, vol.intent_lost)
+        vol.record = vol.record.transition(observed="unmounted", cause=vol.intent_lost)
+        self.bus.publish("volume_state_changed", {"id": vol.id, **vol.record.to_json()})
 
     def _get(self, volume_id: str) -> Volume:
         vol = self._vols.get(volume_id)
@@ -112,6 +156,16 @@ class VolumeManager:
         return vol
 
     def _journal(self, vol: Volume, **change: Any) -> None:
+        """Record a transition. While the intent is lost only a stated one is written: the
+        missing journal (beside the kept-aside copy) is what says so across restarts."""
+        if vol.intent_lost is not None:
+            if change.get("desired") is None:
+                change["cause"] = change.get("cause") or vol.intent_lost
+                vol.record = vol.record.transition(**change)
+                self.bus.publish("volume_state_changed",
+                                 {"id": vol.id, **vol.record.to_json()})
+                return
+            vol.intent_lost = None
         vol.record = vol.record.transition(**change)
         journal.write(self.paths.journal(vol.id), vol.record)
         self.bus.publish("volume_state_changed", {"id": vol.id, **vol.record.to_json()})
@@ -127,13 +181,28 @@ class VolumeManager:
         except MetadataCorrupted as exc:
             raise Failed(f"volume {vol.id}: {exc}") from None
 
-    def info(self, volume_id: str) -> dict[str, Any]:
+    def _problem(self, vol: Volume, mounts: dict[str, mountinfo.Mount] | None = None
+                 ) -> str | None:
+        """Why an attached volume is not really mounted, or None when it is."""
+        child = vol.child
+        if child is None:
+            return None
+        if child.exited.is_set():
+            return f"mount process exited (code {child.returncode})"
+        return child.problem(mounts)
+
+    def info(self, volume_id: str, mounts: dict[str, mountinfo.Mount] | None = None
+             ) -> dict[str, Any]:
         vol = self._get(volume_id)
         try:
             meta: VolumeMeta | None = self._meta(vol)
         except (Failed, NotFound):
             meta = None
         child = vol.child
+        record = vol.record.to_json()
+        problem = self._problem(vol, mounts)
+        if problem is not None:  # reality wins over the journal until the watcher acts
+            record.update(observed_state="error", needs_repair=True, last_error=problem)
         return {
             "id": vol.id,
             "class": meta.volume_class if meta else None,
@@ -144,7 +213,8 @@ class VolumeManager:
             "attached": child is not None,
             "pid": child.pid if child else None,
             "read_only": child.read_only if child else None,
-            **vol.record.to_json(),
+            "mountpoint_guarded": vol.guard_error is None,
+            **record,
         }
 
     def list(self) -> builtins.list[dict[str, Any]]:
@@ -152,7 +222,8 @@ class VolumeManager:
         if self.paths.ciphertext_dir.exists():
             ids |= {p.name for p in self.paths.ciphertext_dir.iterdir()
                     if p.is_dir() and VOLUME_ID.match(p.name)}
-        return [self.info(i) for i in sorted(ids)]
+        mounts = mountinfo.mounts()
+        return [self.info(i, mounts) for i in sorted(ids)]
 
     def is_attached(self, volume_id: str) -> bool:
         vol = self._vols.get(volume_id)
@@ -180,8 +251,9 @@ class VolumeManager:
                 if self.paths.cipher(volume_id).exists():
                     self._meta(vol)  # raises the precise "key is missing" error
                 await self._create(volume_id, volume_class, cluster_mode, follower_policy)
-            self.paths.mount(volume_id).mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not self.paths.journal(volume_id).exists():
+            if vol.child is None:
+                await self._unmounted(vol)
+            if not self.paths.journal(volume_id).exists() and vol.intent_lost is None:
                 self._journal(vol)
         return self.info(volume_id)
 
@@ -232,6 +304,8 @@ class VolumeManager:
     async def attach(self, volume_id: str, role: str) -> dict[str, Any]:
         """Mount with `role`; idempotent, and flips the gate live if already mounted."""
         vol = self._granted(volume_id, role)
+        if volume_id == BOOTSTRAP and role != roles.LEADER:
+            raise Conflict("the bootstrap volume is always attached as leader")
         async with vol.lock:
             self._cancel_retry(vol)
             await self._attach_locked(vol, role)
@@ -239,6 +313,9 @@ class VolumeManager:
 
     async def _attach_locked(self, vol: Volume, role: str) -> None:
         meta = self._meta(vol)
+        problem = self._problem(vol)
+        if problem is not None:
+            await self._lost(vol, problem)
         if vol.child is not None:
             if vol.child.read_only != (role == roles.FOLLOWER):
                 await vol.child.set_role(role)
@@ -253,26 +330,33 @@ class VolumeManager:
         if vol.draining is not None and vol.draining.draining:
             raise Busy(f"volume {vol.id}: the previous mount still serves open files; "
                        "attach again once they are closed")
+        cipher = self.paths.cipher(vol.id)
+        try:
+            load_config(str(cipher))
+        except (FormatError, CipherDirError) as exc:
+            self._journal(vol, desired="mounted", observed="error", role=role, cause=str(exc))
+            raise StateCorrupt(conf_path(str(cipher)), str(exc)) from None
         try:
             passphrase = meta.unseal(self.keys.sdek())
         except MetadataCorrupted as exc:
             self._journal(vol, desired="mounted", observed="error", role=role, cause=str(exc))
-            raise Failed(f"volume {vol.id}: {exc}") from None
-        mnt = self.paths.mount(vol.id)
-        mnt.mkdir(mode=0o700, parents=True, exist_ok=True)
-        await self._clean_stale(mnt)
+            raise StateCorrupt(self.paths.volume_meta(vol.id), str(exc)) from None
+        await self._unmounted(vol)
         self._journal(vol, desired="mounted", observed="pending", role=role)
-        child = MountChild(vol.id, self.paths.cipher(vol.id), mnt,
+        child = MountChild(vol.id, cipher, self.paths.mount(vol.id),
                            read_only=role == roles.FOLLOWER,
                            on_event=lambda msg: self._child_event(vol, msg))
         vol.child, vol.expected_exit = child, False
         assert self._nursery is not None
         try:
             await self._nursery.start(self._supervise, vol, child, bytes(passphrase))
-        except MountFailed as exc:
+        except BaseException as exc:
+            # Whatever went wrong (the child's own error, a timeout, cancellation), the
+            # volume is not mounted and must not say so.
             vol.child = None
-            await self._clean_stale(mnt)
-            self._journal(vol, observed="error", cause=exc.message)
+            with trio.CancelScope(shield=True):
+                await self._unmounted(vol)
+                self._journal(vol, observed="error", cause=_message(exc))
             raise
         finally:
             passphrase[:] = bytes(len(passphrase))
@@ -295,11 +379,46 @@ class VolumeManager:
             vol.child = None
             log.error("volume %s: mount process %s exited unexpectedly (code %s)", vol.id,
                       child.pid, code)
-            await self._clean_stale(self.paths.mount(vol.id))
+            await self._unmounted(vol)
             self._journal(vol, observed="error",
                           cause=f"mount process exited unexpectedly (code {code})")
             if vol.record.desired_state == "mounted":
                 self._schedule_retry(vol)
+
+    async def _lost(self, vol: Volume, problem: str) -> None:
+        """The mount went away (or was replaced) under a live child: let the child finish
+        serving what it still holds (read-only), clear the path, and re-attach if that is the
+        intent."""
+        child = vol.child
+        log.error("volume %s: %s", vol.id, problem)
+        vol.child = None
+        if child is not None and child.draining:
+            # It may go on serving files opened before the loss, but never writing beside
+            # the mount that replaces it: fence it read-only, or end it.
+            try:
+                await child.set_role(roles.FOLLOWER)
+            except Failed:
+                await child.kill()
+        await self._unmounted(vol)
+        self._journal(vol, observed="error", cause=problem)
+        if vol.record.desired_state == "mounted":
+            self._schedule_retry(vol)
+
+    async def _watch(self) -> None:
+        """Compare every attached volume with mountinfo, every WATCH_INTERVAL seconds."""
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            mounts = mountinfo.mounts()
+            for vol in builtins.list(self._vols.values()):
+                child = vol.child
+                if child is None or child.exited.is_set() or vol.lock.locked():
+                    continue  # dead children are the supervisor's; busy ones re-check
+                if child.problem(mounts) is None:
+                    continue
+                async with vol.lock:
+                    problem = self._problem(vol)
+                    if problem is not None and vol.child is child:
+                        await self._lost(vol, problem)
 
     def _schedule_retry(self, vol: Volume) -> None:
         assert self._nursery is not None
@@ -331,22 +450,53 @@ class VolumeManager:
                     except Exception as exc:
                         log.warning("volume %s: re-attach failed: %s", vol.id, exc)
 
-    async def _clean_stale(self, mnt: Path) -> None:
-        if mountinfo.is_mounted(mnt):
-            await trio.run_process(["fusermount3", "-uz", str(mnt)], check=False,
-                                   capture_stdout=True, capture_stderr=True)
+    async def _unmounted(self, vol: Volume) -> None:
+        """Make the mountpoint bare and guarded: a stale mount there is ended (its FUSE
+        connection aborted first, so nothing can hang on it) and detached."""
+        mnt = self.paths.mount(vol.id)
+        await clear_mount(mnt)
+        try:
+            stray = await trio.to_thread.run_sync(mountpoint.guard, mnt)
+            vol.guard_error = None
+        except OSError as exc:
+            if vol.guard_error is None:
+                log.warning("volume %s: the mountpoint cannot refuse writes while unmounted: "
+                            "%s", vol.id, exc)
+            vol.guard_error = str(exc)
+            return
+        if stray:
+            log.warning("volume %s: %d entries were written into the bare mountpoint %s "
+                        "before it was guarded; they are hidden while mounted", vol.id,
+                        len(stray), mnt)
+
+    async def sweep(self) -> None:
+        """At start: no mount under mounts/ is ours yet. End and detach every one (the
+        previous daemon's orphans, dead or alive) and guard every mountpoint."""
+        for m in mountinfo.under(self.paths.mounts_dir):
+            log.warning("clearing a mount left at %s (%s)", m.mountpoint, m.fstype)
+            await clear_mount(Path(m.mountpoint))
+        if self.paths.mounts_dir.exists():
+            # scandir's file types come from readdir: no stat of a (possibly dead) mount.
+            with os.scandir(self.paths.mounts_dir) as entries:
+                names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+            for name in names:
+                if VOLUME_ID.match(name) and not mountinfo.is_mounted(self.paths.mount(name)):
+                    await self._unmounted(self._vols.get(name) or Volume(name, JournalRecord()))
 
     async def detach(self, volume_id: str, lazy: bool = False,
                      keep_intent: bool = False) -> dict[str, Any]:
         """Unmount. Busy (409) if files are open, unless `lazy`. With `keep_intent` the
         desired state stays as it was (lock, shutdown), otherwise it becomes unmounted."""
         vol = self._get(volume_id)
+        if volume_id in CORE and not keep_intent:
+            raise Conflict(f"the {volume_id} volume is attached at unlock and detached at "
+                           "lock: lock instead")
         async with vol.lock:
             self._cancel_retry(vol)
             desired = vol.record.desired_state if keep_intent else "unmounted"
             child = vol.child
             if child is None:
-                await self._clean_stale(self.paths.mount(vol.id))
+                await self._unmounted(vol)
                 r = vol.record
                 if (r.desired_state, r.observed_state) != (desired, "unmounted") \
                         or r.needs_repair:
@@ -360,11 +510,14 @@ class VolumeManager:
                 raise
             vol.child = None
             vol.draining = child if child.draining else None
+            await self._unmounted(vol)
             self._journal(vol, desired=desired, observed="unmounted")
         return self.info(volume_id)
 
     async def set_role(self, volume_id: str, role: str) -> dict[str, Any]:
         """Change a volume's role: live on a mounted volume, recorded otherwise."""
+        if volume_id in CORE:
+            raise Conflict(f"the {volume_id} volume's role follows the leadership registry")
         vol = self._granted(volume_id, role)
         if vol.record.desired_state == "mounted":
             return await self.attach(volume_id, role)
@@ -377,7 +530,7 @@ class VolumeManager:
         async for event in sub:
             resource, role = event.data.get("resource"), event.data.get("role")
             vol = self._vols.get(resource) if isinstance(resource, str) else None
-            if vol is None or vol.record.desired_state != "mounted":
+            if vol is None or vol.record.desired_state != "mounted" or vol.intent_lost:
                 continue
             try:
                 if role == roles.FOLLOWER:
@@ -404,6 +557,9 @@ class VolumeManager:
             if only is not None and vid not in only:
                 continue
             vol = self._vols[vid]
+            if vol.intent_lost is not None:
+                problems.append(vid)
+                continue
             try:
                 await self._reconcile_one(vol)
             except Exception as exc:
@@ -416,9 +572,9 @@ class VolumeManager:
 
     async def _reconcile_one(self, vol: Volume) -> None:
         r = vol.record
-        if vol.child is None and mountinfo.is_mounted(self.paths.mount(vol.id)):
-            # Mounted, but not by a child of ours: we cannot supervise it.
-            await self._clean_stale(self.paths.mount(vol.id))
+        if vol.child is None:
+            # Anything mounted there is not ours (we cannot supervise it): clear it.
+            await self._unmounted(vol)
         if r.desired_state == "mounted":
             if vol.child is not None:
                 if r.observed_state != "mounted" or r.needs_repair:
@@ -431,7 +587,7 @@ class VolumeManager:
                         self._journal(vol, observed="pending", cause="locked")
                 return
             await self.attach(vol.id, self._resume_role(vol))
-        else:
+        elif vol.id not in CORE:  # core volumes come and go with unlock and lock
             await self.detach(vol.id, lazy=True)
 
     async def detach_all(self, keep: frozenset[str] = frozenset(), lazy: bool = True) -> None:
@@ -442,3 +598,18 @@ class VolumeManager:
                 await self.detach(vid, lazy=lazy, keep_intent=True)
             except Exception as exc:
                 log.error("volume %s: detach failed: %s", vid, exc)
+
+
+async def clear_mount(mnt: Path) -> None:
+    """Detach whatever is mounted at `mnt`, never waiting on it: a FUSE mount's connection
+    is aborted first, so a dead or frozen mount process cannot hang us."""
+    m = mountinfo.find(mnt)
+    if m is None:
+        return
+    if m.is_fuse:
+        await trio.to_thread.run_sync(mountinfo.abort, m)
+    await trio.run_process(["fusermount3" if m.is_fuse else "umount", "-uz" if m.is_fuse
+                            else "-l", str(mnt)], check=False, capture_stdout=True,
+                           capture_stderr=True)
+    if mountinfo.is_mounted(mnt):
+        raise Failed(f"{mnt}: cannot detach the {m.fstype} mount there")

@@ -89,6 +89,13 @@ class PiccoloOperations(pyfuse3.Operations):
         self.counters = Counters
         self.requests = RequestWaiter()
         self._fsync_free = syscalls.fsync_is_free(root_fd)
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """FUSE_INIT has arrived: the kernel mount answers requests from here on. Readiness
+        is learnt here, never by a stat of our own mountpoint, which would hang for ever
+        if the session ended before it was answered."""
+        self.initialized.set()
 
     # ---------------------------------------------------------------------------------
     # gate, lookup helpers
