@@ -4,18 +4,33 @@
 unless told otherwise (an operator, or a future consensus module, calls `set_role`). Every
 change is published as `leadership_role_changed {resource, role}`; the volume manager
 follows those events to flip mounted volumes live.
+
+Resources are named like volumes (NAME_PATTERN) and the registry holds at most
+MAX_RESOURCES of them: what a client may make the daemon remember is bounded.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
-from ctl.errors import InvalidInput
+from ctl.errors import Conflict, InvalidInput
 from ctl.events import EventBus
 
 LEADER = "leader"
 FOLLOWER = "follower"
 ROLES = (LEADER, FOLLOWER)
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# Volume ids, app names and leadership resources: one shape, here at the bottom layer so
+# that every layer above (and the API document) can state and check the same rule.
+NAME_PATTERN = f"^{_NAME.pattern}$"
+MAX_RESOURCES = 1024
+
+
+def valid_name(name: object) -> bool:
+    """Whether `name` is a resource name (fullmatch: no trailing newline slips through)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
 
 
 class LeadershipRegistry(Protocol):
@@ -42,8 +57,13 @@ class LocalRegistry:
 
     def set_role(self, resource: str, role: str) -> bool:
         """Record a role; returns True (and publishes) when it changed."""
+        if not valid_name(resource):
+            raise InvalidInput(f"resource must match {NAME_PATTERN}")
         if role not in ROLES:
             raise InvalidInput(f"role must be one of {', '.join(ROLES)}")
+        if resource not in self._roles and len(self._roles) >= MAX_RESOURCES:
+            raise Conflict(f"the leadership registry holds {MAX_RESOURCES} resources, "
+                           "its limit; set the role of a resource it already holds")
         if self.role(resource) == role and resource in self._roles:
             return False
         changed = self.role(resource) != role

@@ -37,7 +37,10 @@ def _timestamp(value: Any, field: str) -> str:
         raise InvalidInput(f"{field} must be an RFC 3339 timestamp") from None
     if parsed.tzinfo is None:
         raise InvalidInput(f"{field} needs a time zone")
-    utc = parsed.astimezone(dt.UTC)
+    try:
+        utc = parsed.astimezone(dt.UTC)
+    except OverflowError:
+        raise InvalidInput(f"{field} is out of range") from None
     frac = f"{utc.microsecond:06d}".rstrip("0")
     return utc.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
 
@@ -102,7 +105,7 @@ class AuthRepo:
         return bool(await self.store.write(write))
 
     async def save_password_hash(self, password_hash: str) -> None:
-        if not isinstance(password_hash, str) or not HASH_FORMAT.match(password_hash):
+        if not isinstance(password_hash, str) or not HASH_FORMAT.fullmatch(password_hash):
             raise InvalidInput("password_hash must be argon2id$v=19$m=…,t=…,p=…$salt$hash")
 
         def write(db: sqlite3.Connection) -> None:
@@ -196,7 +199,7 @@ class AppStateRepo:
 
     @staticmethod
     def validate(name: str, record: Any) -> dict[str, Any]:
-        if not isinstance(name, str) or not APP_NAME.match(name):
+        if not isinstance(name, str) or not APP_NAME.fullmatch(name):
             raise InvalidInput("app name must match [a-z0-9][a-z0-9._-]{0,62}")
         if not isinstance(record, dict):
             raise InvalidInput("app record must be a JSON object")

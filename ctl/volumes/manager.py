@@ -123,7 +123,7 @@ class VolumeManager:
         if not self.paths.journal_dir.exists():
             return
         for entry in sorted(self.paths.journal_dir.iterdir()):
-            if not VOLUME_ID.match(entry.name) or not entry.is_dir():
+            if not VOLUME_ID.fullmatch(entry.name) or not entry.is_dir():
                 continue
             path = self.paths.journal(entry.name)
             vol = Volume(entry.name, JournalRecord())
@@ -150,7 +150,7 @@ class VolumeManager:
     def _get(self, volume_id: str) -> Volume:
         vol = self._vols.get(volume_id)
         if vol is None:
-            if not VOLUME_ID.match(volume_id) or not self.paths.cipher(volume_id).exists():
+            if not VOLUME_ID.fullmatch(volume_id) or not self.paths.cipher(volume_id).exists():
                 raise NotFound(f"no volume {volume_id!r}")
             vol = self._vols[volume_id] = Volume(volume_id, JournalRecord())
         return vol
@@ -221,7 +221,7 @@ class VolumeManager:
         ids = set(self._vols)
         if self.paths.ciphertext_dir.exists():
             ids |= {p.name for p in self.paths.ciphertext_dir.iterdir()
-                    if p.is_dir() and VOLUME_ID.match(p.name)}
+                    if p.is_dir() and VOLUME_ID.fullmatch(p.name)}
         mounts = mountinfo.mounts()
         return [self.info(i, mounts) for i in sorted(ids)]
 
@@ -236,7 +236,7 @@ class VolumeManager:
                      cluster_mode: str = "stateful",
                      follower_policy: str = "read_only") -> dict[str, Any]:
         """Create the volume if it does not exist. Idempotent; never re-initialises."""
-        if not isinstance(volume_id, str) or not VOLUME_ID.match(volume_id):
+        if not isinstance(volume_id, str) or not VOLUME_ID.fullmatch(volume_id):
             raise InvalidInput("volume id must match [a-z0-9][a-z0-9._-]{0,62}")
         if volume_class not in CLASSES:
             raise InvalidInput(f"class must be one of {', '.join(CLASSES)}")
@@ -480,7 +480,7 @@ class VolumeManager:
             with os.scandir(self.paths.mounts_dir) as entries:
                 names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
             for name in names:
-                if VOLUME_ID.match(name) and not mountinfo.is_mounted(self.paths.mount(name)):
+                if VOLUME_ID.fullmatch(name) and not mountinfo.is_mounted(self.paths.mount(name)):
                     await self._unmounted(self._vols.get(name) or Volume(name, JournalRecord()))
 
     async def detach(self, volume_id: str, lazy: bool = False,
