@@ -9,11 +9,16 @@ conflict, not leader, busy, too many attempts), 6 daemon unreachable.
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import http.client
 import json
+import os
+import random
 import socket
+import stat
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,8 +26,36 @@ from typing import Any
 from ctl.paths import Paths
 
 OK, FAILED, USAGE, LOCKED, NOT_FOUND, REFUSED, UNREACHABLE = range(7)
-_STATUS_EXIT = {400: USAGE, 422: USAGE, 401: REFUSED, 403: REFUSED, 404: NOT_FOUND,
-                405: USAGE, 409: REFUSED, 423: LOCKED, 429: REFUSED}
+_STATUS_EXIT = {400: USAGE, 422: USAGE, 431: USAGE, 401: REFUSED, 403: REFUSED,
+                404: NOT_FOUND, 405: USAGE, 409: REFUSED, 423: LOCKED, 429: REFUSED,
+                503: REFUSED}
+
+# Retrying a daemon that is busy (its accept queue full, or every connection in use): the
+# pause starts short and doubles, with jitter so a crowd of clients spreads out.
+RETRY_BACKOFF_MIN = 0.005
+RETRY_BACKOFF_MAX = 0.5
+# How long a refused connect is retried while the socket file exists: a daemon restarting
+# (systemd waits RestartSec=2, then start-up) rather than one that is gone for good.
+REFUSED_GRACE = 10.0
+# The retry budget of a connection without a timeout (an event stream).
+UNTIMED_RETRY_BUDGET = 60.0
+
+
+def _retry_budget(timeout: float | None) -> float:
+    return UNTIMED_RETRY_BUDGET if timeout is None else timeout
+
+
+def _backoff(delay: float) -> float:
+    """Sleep about `delay` and return the next one."""
+    time.sleep(random.uniform(delay / 2, delay))
+    return min(delay * 2, RETRY_BACKOFF_MAX)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -31,10 +64,37 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self._path = path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
+        """Connect, retrying while the daemon is busy or restarting. A socket with a
+        timeout connects without blocking, so a full accept queue fails at once with EAGAIN;
+        that is retried until the timeout. ECONNREFUSED while the socket file exists means
+        no one listens on it (yet): a restart, retried for at most REFUSED_GRACE, as is the
+        socket vanishing after that, just before the new daemon binds its own."""
+        start = time.monotonic()
+        budget = _retry_budget(self.timeout)
+        delay = RETRY_BACKOFF_MIN
+        refused = False
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self._path)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EAGAIN:
+                    limit = budget
+                elif exc.errno == errno.ECONNREFUSED and _is_socket(self._path):
+                    refused, limit = True, min(budget, REFUSED_GRACE)
+                elif exc.errno == errno.ENOENT and refused:
+                    # The stale socket went: a new daemon is about to bind its own.
+                    limit = min(budget, REFUSED_GRACE)
+                else:
+                    raise
+                if time.monotonic() - start + delay > limit:
+                    raise
+                delay = _backoff(delay)
+                continue
+            self.sock = sock
+            return
 
 
 class ApiError(Exception):
@@ -55,13 +115,40 @@ class Client:
     def _conn(self, timeout: float | None = -1) -> UnixHTTPConnection:
         return UnixHTTPConnection(self.socket_path, self.timeout if timeout == -1 else timeout)
 
+    def _request(self, method: str, path: str, body: dict[str, Any] | None,
+                 timeout: float | None = -1
+                 ) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
+        """Send one request; return the connection and its response, not yet read. A
+        daemon at its connection limit answers 503 too_many_connections without running
+        anything, so that is retried with a back-off until the timeout: a busy daemon slows
+        its clients down rather than failing them."""
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        start = time.monotonic()
+        delay = RETRY_BACKOFF_MIN
+        while True:
+            conn = self._conn(timeout)
+            try:
+                conn.request(method, "/api/v1" + path, body=payload, headers=headers)
+                resp = conn.getresponse()
+                if resp.status != 503:
+                    return conn, resp
+                data = resp.read()
+            except BaseException:
+                conn.close()
+                raise
+            conn.close()
+            parsed = json.loads(data) if data.strip() else {}
+            err = parsed.get("error") if isinstance(parsed, dict) else None
+            budget = _retry_budget(conn.timeout)
+            if (not isinstance(err, dict) or err.get("code") != "too_many_connections"
+                    or time.monotonic() - start + delay > budget):
+                raise ApiError(503, parsed if isinstance(parsed, dict) else {})
+            delay = _backoff(delay)
+
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        conn = self._conn()
+        conn, resp = self._request(method, path, body)
         try:
-            payload = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            conn.request(method, "/api/v1" + path, body=payload, headers=headers)
-            resp = conn.getresponse()
             data = resp.read()
         finally:
             conn.close()
@@ -71,10 +158,8 @@ class Client:
         return parsed
 
     def stream(self, path: str) -> Iterator[dict[str, Any]]:
-        conn = self._conn(timeout=None)
+        conn, resp = self._request("GET", path, None, timeout=None)
         try:
-            conn.request("GET", "/api/v1" + path)
-            resp = conn.getresponse()
             if resp.status >= 300:
                 data = resp.read()
                 raise ApiError(resp.status, json.loads(data) if data.strip() else {})
