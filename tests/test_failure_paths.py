@@ -25,7 +25,7 @@ from ctl.cli import ApiError, Client
 from ctl.keys.keyset import Keyset
 from ctl.volumes.metadata import VolumeMeta, new_passphrase
 from tests.daemon import PASSWORD, Daemon, second_mount
-from tests.mounts import is_mounted
+from tests.mounts import PiccoloMount, is_mounted
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -250,6 +250,8 @@ def test_control_mount_lost_behind_our_back_shows_and_recovers(unlocked: Daemon)
 
 
 def test_orphaned_mount_processes_leave_when_the_daemon_dies(unlocked: Daemon) -> None:
+    """In steady state (the race with a starting mount process is what the random kills
+    below go after)."""
     d = unlocked
     children = d.children()
     assert len(children) == 2
@@ -259,28 +261,54 @@ def test_orphaned_mount_processes_leave_when_the_daemon_dies(unlocked: Daemon) -
     assert not is_mounted(d.mount("control"))
 
 
-def test_a_frozen_stale_mount_never_blocks_a_starting_daemon(tmp_path: Path) -> None:
-    """A mount left by a process that no longer answers (here: stopped) hangs any stat of
-    its mountpoint. The daemon must start, clear it and unlock regardless."""
+def test_a_frozen_stale_mount_never_blocks_the_daemon(tmp_path: Path) -> None:
+    """A mount whose process no longer answers (here: stopped) hangs any stat of its
+    mountpoint once the kernel's attribute cache has expired. The daemon must start, attach
+    and unlock over such mounts, and keep answering, whatever it finds."""
     d = Daemon(tmp_path).start()
-    frozen = None
+    frozen: list[PiccoloMount] = []
+
+    def freeze(vid: str) -> None:
+        m = second_mount(d.state, vid, d.mount(vid)).start()
+        frozen.append(m)
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)  # past the mount's 1 s attribute timeout: a stat would now hang
+
+    def kill_frozen() -> None:
+        while frozen:
+            m = frozen.pop()
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGKILL)
+            m.proc.wait(timeout=30)
+            if m.sock is not None:
+                m.sock.close()
+
     try:
         d.setup_and_unlock()
+        d.call("POST", "/volumes", {"id": "docs"})
+        d.call("POST", "/volumes/docs/attach", {"role": "leader"})
+        (d.mount("docs") / "data").write_text("intact")
         (d.mount("control") / "data").write_text("intact")
-        d.stop()
-        frozen = second_mount(d.state, "control", d.mount("control")).start()
-        assert frozen.proc is not None
-        frozen.proc.send_signal(signal.SIGSTOP)
+        d.call("POST", "/volumes/docs/detach", {})
+        freeze("docs")  # while the daemon runs
+        quick = Client(str(d.socket), timeout=20)
+        quick.call("POST", "/volumes/docs/attach", {"role": "leader"})
+        assert quick.call("GET", "/health")["volumes"]["docs"] == "mounted"
+        assert (d.mount("docs") / "data").read_text() == "intact"
+        d.call("POST", "/crypto/lock")
+        freeze("control")  # while locked
+        quick.call("POST", "/crypto/unlock", {"password": PASSWORD})
+        assert (d.mount("control") / "data").read_text() == "intact"
+        kill_frozen()
+        d.stop(release=False)
+        freeze("control")  # while the daemon is down
         d.start(ready_timeout=10)
-        assert d.call("GET", "/crypto/status")["locked"]
-        d.call("POST", "/crypto/unlock", {"password": PASSWORD})
+        assert quick.call("GET", "/crypto/status")["locked"]
+        quick.call("POST", "/crypto/unlock", {"password": PASSWORD})
         assert (d.mount("control") / "data").read_text() == "intact"
     finally:
-        if frozen is not None and frozen.proc is not None:
-            frozen.proc.send_signal(signal.SIGKILL)
-            frozen.proc.wait(timeout=30)
-            if frozen.sock is not None:
-                frozen.sock.close()
+        kill_frozen()
         d.stop()
 
 
@@ -289,6 +317,15 @@ def test_kill9_at_random_moments_of_unlock(tmp_path: Path) -> None:
     unlocks with the data intact."""
     rng = random.Random(20261129)
     d = Daemon(tmp_path).start()
+    def kill_frozen() -> None:
+        while frozen:
+            m = frozen.pop()
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGKILL)
+            m.proc.wait(timeout=30)
+            if m.sock is not None:
+                m.sock.close()
+
     try:
         d.setup_and_unlock()
         d.call("POST", "/volumes", {"id": "docs"})
