@@ -317,15 +317,6 @@ def test_kill9_at_random_moments_of_unlock(tmp_path: Path) -> None:
     unlocks with the data intact."""
     rng = random.Random(20261129)
     d = Daemon(tmp_path).start()
-    def kill_frozen() -> None:
-        while frozen:
-            m = frozen.pop()
-            assert m.proc is not None
-            m.proc.send_signal(signal.SIGKILL)
-            m.proc.wait(timeout=30)
-            if m.sock is not None:
-                m.sock.close()
-
     try:
         d.setup_and_unlock()
         d.call("POST", "/volumes", {"id": "docs"})
