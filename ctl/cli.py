@@ -231,7 +231,10 @@ def cmd_status(c: Client, args: argparse.Namespace) -> int:
     s["recovery_key"] = rk["present"]
     state = "not initialized" if not s["initialized"] else ("locked" if s["locked"]
                                                             else "unlocked")
-    _print(args, s, f"{state}; recovery key {'present' if rk['present'] else 'absent'}")
+    boot = {"tpm": "mounted from the TPM", "unlock": "mounted at unlock"}.get(
+        s.get("bootstrap") or "", "not mounted")
+    _print(args, s, f"{state}; recovery key {'present' if rk['present'] else 'absent'}; "
+           f"bootstrap {boot}")
     return OK
 
 
@@ -371,6 +374,103 @@ def cmd_leadership(c: Client, args: argparse.Namespace) -> int:
     return OK
 
 
+def _tpm_line(s: dict[str, Any]) -> str:
+    if not s["enrolled"]:
+        head = "not enrolled"
+    elif s.get("error"):
+        head = f"enrolled, but unusable: {s['error']}"
+    else:
+        head = (f"enrolled to PCR {','.join(map(str, s['pcrs']))}"
+                + (" with a PIN" if s["pin"] else "")
+                + ("; the PCRs changed since (reseal at the next unlock)"
+                   if s.get("pcrs_changed") else ""))
+    tpm = "TPM available" if s["available"] else \
+        f"no usable TPM ({s.get('unavailable_reason', '?')})"
+    boot = {"tpm": "mounted from the TPM", "unlock": "mounted at unlock"}.get(
+        s.get("bootstrap") or "", "not mounted")
+    fail = s.get("last_failure")
+    return (f"{head}\n{tpm} at {s['tcti']}\nbootstrap {boot}"
+            + (f"\nlast unseal failed ({fail['kind']}): {fail['reason']}" if fail else ""))
+
+
+def cmd_tpm(c: Client, args: argparse.Namespace) -> int:
+    a = args.action
+    body: dict[str, Any] = {}
+    if a in ("enroll", "reseal", "unseal") and (args.pin or a == "unseal"):
+        body["pin"] = Secrets(args.password_file).next(
+            "New PIN: " if a == "enroll" else "PIN: ", confirm=a == "enroll")
+    if a == "status":
+        res = c.call("GET", "/tpm")
+    elif a == "enroll":
+        if args.pcrs:
+            try:
+                body["pcrs"] = sorted({int(x) for x in args.pcrs.split(",")})
+            except ValueError:
+                return _die(USAGE, "--pcrs takes PCR numbers separated by commas, e.g. 7 or 0,7")
+        res = c.call("POST", "/tpm/enroll", body)
+    elif a == "remove":
+        res = c.call("POST", "/tpm/remove")
+        _print(args, res, "TPM enrolment removed")
+        return OK
+    else:
+        res = c.call("POST", f"/tpm/{a}", body)
+    _print(args, res, _tpm_line(res))
+    return OK
+
+
+def _read_file(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def cmd_bootstrap(c: Client, args: argparse.Namespace) -> int:
+    what, a = args.what, args.action
+    if what == "remote":
+        if a == "set":
+            try:
+                config = json.loads(_read_file(args.file))
+            except ValueError as exc:
+                return _die(USAGE, f"{args.file}: not JSON: {exc}")
+            res = c.call("PUT", "/bootstrap/remote", config)
+            _print(args, res, "saved" + ("" if res["stored"] else
+                                         " (reaches the control store at unlock)"))
+        else:
+            _print(args, c.call("GET", "/bootstrap/remote"))
+    elif what == "acme":
+        if a == "set":
+            if not args.key or not args.account:
+                return _die(USAGE, "give --key FILE and --account FILE")
+            try:
+                account = json.loads(_read_file(args.account))
+            except ValueError as exc:
+                return _die(USAGE, f"{args.account}: not JSON: {exc}")
+            res = c.call("PUT", "/bootstrap/acme", {"key": _read_file(args.key),
+                                                   "account": account})
+            _print(args, res, "saved")
+        else:
+            _print(args, c.call("GET", "/bootstrap/acme"))
+    else:
+        name = urllib.parse.quote(args.name or "", safe="")
+        if a == "list":
+            res = c.call("GET", "/bootstrap/certs")
+            _print(args, res, "\n".join(res["certs"]) or "no certificates")
+        elif not args.name:
+            return _die(USAGE, "give the certificate's NAME")
+        elif a == "set":
+            if not args.cert or not args.key:
+                return _die(USAGE, "give --cert FILE and --key FILE")
+            _print(args, c.call("PUT", f"/bootstrap/certs/{name}",
+                                {"cert": _read_file(args.cert), "key": _read_file(args.key)}),
+                   "saved")
+        elif a == "delete":
+            _print(args, c.call("DELETE", f"/bootstrap/certs/{name}"), "deleted")
+        else:
+            res = c.call("GET", f"/bootstrap/certs/{name}")
+            _print(args, res, f"{res['name']}: {res.get('subject') or '?'}, "
+                              f"valid until {res.get('not_after') or '?'}")
+    return OK
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="piccoloctl", description=__doc__.splitlines()[0])
     p.add_argument("--socket", help="control socket (default: $PICCOLO_RUN_DIR/ctl.sock)")
@@ -423,6 +523,25 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("store", help="the control store")
     st.add_argument("action", choices=["status", "check", "audit"])
     st.add_argument("--since", type=int, default=0, help="audit records after this one")
+    tp = sub.add_parser("tpm", help="the TPM-sealed bootstrap key")
+    tp.add_argument("action", choices=["status", "enroll", "reseal", "remove", "unseal"])
+    tp.add_argument("--pcrs", help="PCRs of the policy, e.g. 7 (default) or 0,7")
+    tp.add_argument("--pin", action="store_true", help="protect the sealed key with a PIN")
+    secret_opts(tp)
+    bs = sub.add_parser("bootstrap", help="pre-unlock assets on the bootstrap volume")
+    bss = bs.add_subparsers(dest="what", required=True)
+    r = bss.add_parser("remote", help="the remote configuration")
+    r.add_argument("action", choices=["show", "set"])
+    r.add_argument("file", nargs="?", help="JSON file (set)")
+    ac = bss.add_parser("acme", help="the ACME account")
+    ac.add_argument("action", choices=["show", "set"])
+    ac.add_argument("--key", help="PEM private key file (set)")
+    ac.add_argument("--account", help="account JSON file (set)")
+    ce = bss.add_parser("certs", help="the portal's TLS certificates")
+    ce.add_argument("action", choices=["list", "show", "set", "delete"])
+    ce.add_argument("name", nargs="?")
+    ce.add_argument("--cert", help="PEM certificate chain file (set)")
+    ce.add_argument("--key", help="PEM private key file (set)")
     ld = sub.add_parser("leadership")
     ld.add_argument("resource", nargs="?")
     ld.add_argument("role", nargs="?", choices=["leader", "follower"])
@@ -432,7 +551,8 @@ def _parser() -> argparse.ArgumentParser:
 COMMANDS = {"status": cmd_status, "setup": cmd_setup, "unlock": cmd_unlock,
             "lock": cmd_lock, "reset-password": cmd_reset_password, "passwd": cmd_passwd,
             "recovery-key": cmd_recovery_key, "volume": cmd_volume, "events": cmd_events,
-            "health": cmd_health, "store": cmd_store, "leadership": cmd_leadership}
+            "health": cmd_health, "store": cmd_store, "leadership": cmd_leadership,
+            "tpm": cmd_tpm, "bootstrap": cmd_bootstrap}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

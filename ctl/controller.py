@@ -19,6 +19,8 @@ from typing import Any
 import trio
 
 from ctl import roles
+from ctl.bootstrap.assets import Assets
+from ctl.bootstrap.tpm import BootstrapTpm
 from ctl.errors import CtlError, Failed, Locked, NotInitialized
 from ctl.events import EventBus
 from ctl.keys.manager import KeyManager
@@ -33,16 +35,23 @@ CORE = {BOOTSTRAP: "bootstrap", CONTROL: "control"}
 
 class Controller:
     def __init__(self, keys: KeyManager, volumes: VolumeManager, bus: EventBus,
-                 registry: roles.LeadershipRegistry, store: ControlStore) -> None:
+                 registry: roles.LeadershipRegistry, store: ControlStore,
+                 tpm: BootstrapTpm | None = None, assets: Assets | None = None) -> None:
         self.keys = keys
         self.volumes = volumes
         self.store = store
+        self.tpm = tpm
+        self.assets = assets
         self.bus = bus
         self.registry = registry
         self._transition = trio.Lock()
 
     def status(self) -> dict[str, Any]:
-        return self.keys.status()
+        """Key state, and how the bootstrap volume came up ("tpm", "unlock" or None)."""
+        came_up = self.tpm.came_up if self.tpm else None
+        if not self.volumes.mounted(BOOTSTRAP):
+            came_up = None
+        return {**self.keys.status(), "bootstrap": came_up}
 
     def require_unlocked(self) -> None:
         if not self.keys.initialized:
@@ -55,6 +64,8 @@ class Controller:
         dead mount), reconcile journals with reality, then publish the (locked) state."""
         await self.volumes.sweep()
         await self.volumes.reconcile()
+        if self.tpm is not None and self.keys.initialized:
+            await self.tpm.bring_up()  # bootstrap before any password, when enrolled
         self.bus.publish("lock_state_changed", {"locked": True})
 
     async def unlock(self, *, password: bytes | None = None, recovery_key: str | None = None,
@@ -87,6 +98,17 @@ class Controller:
             if problems:
                 log.warning("unlocked; volumes needing repair: %s", ", ".join(problems))
             self.bus.publish("lock_state_changed", {"locked": False})
+            await self._after_unlock(client)
+
+    async def _after_unlock(self, client: str) -> None:
+        """Steps that need the SDEK and the store but must never undo an unlock."""
+        if self.tpm is not None:
+            await self.tpm.after_unlock(client)
+        if self.assets is not None:
+            try:
+                await self.assets.sync()
+            except CtlError as exc:
+                log.warning("remote configuration not synchronised: %s", exc.message)
 
     async def _bring_up_core(self, attached: list[str]) -> None:
         for vid, cls in CORE.items():

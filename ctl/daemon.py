@@ -20,8 +20,11 @@ from typing import Any
 
 import trio
 
+from ctl.api.bootstrap import bootstrap_routes
 from ctl.api.routes import Api
 from ctl.api.server import ApiServer
+from ctl.bootstrap.assets import Assets
+from ctl.bootstrap.tpm import BootstrapTpm
 from ctl.controller import Controller
 from ctl.events import EventBus
 from ctl.keys.keyset import KdfParams
@@ -88,14 +91,18 @@ async def persist_audit(bus: EventBus, store: ControlStore) -> None:
             pending.popleft()
 
 
-async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval: float) -> None:
+async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval: float,
+                tpm_tcti: str | None = None) -> None:
     bus = EventBus()
     registry = LocalRegistry(bus)
     keys = KeyManager(paths, kdf)
     volumes = VolumeManager(paths, keys, bus, registry, scrypt_log_n=scrypt_log_n)
     store = ControlStore(paths.control_db, bus, registry, check_interval=check_interval)
-    controller = Controller(keys, volumes, bus, registry, store)
+    tpm = BootstrapTpm(paths, keys, volumes, bus, tpm_tcti)
+    assets = Assets(paths, volumes, store, bus)
+    controller = Controller(keys, volumes, bus, registry, store, tpm, assets)
     api = Api(controller, volumes, bus, registry, store)
+    api.add_routes(bootstrap_routes(controller, tpm, assets, bus))
     server = ApiServer(paths.socket, api.dispatch)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -127,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="scrypt cost (log2 N) for new volumes' gocryptfs.conf")
     p.add_argument("--store-check-interval", type=float, default=300.0, metavar="S",
                    help="seconds between quick_checks of the control store")
+    p.add_argument("--tpm-tcti", metavar="TCTI",
+                   help="the TPM for the bootstrap key (default: $PICCOLO_TPM_TCTI, else "
+                        "device:/dev/tpmrm0)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -141,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         trio.run(serve, paths, KdfParams(args.kdf_time, args.kdf_memory, args.kdf_threads),
-                 args.volume_scryptn, args.store_check_interval)
+                 args.volume_scryptn, args.store_check_interval, args.tpm_tcti)
     finally:
         os.close(lock_fd)
     return 0

@@ -24,6 +24,8 @@ TOPICS = (
     "control_health",
     "device_event",
     "export_result",
+    "tpm_unseal_failed",
+    "tpm_resealed",
     "audit",
 )
 GAP = "gap"

@@ -40,9 +40,11 @@ def _topics(events: list[dict[str, object]]) -> list[str]:
 
 
 def test_setup_unlock_mounts_bootstrap_then_control(daemon: Daemon) -> None:
-    assert daemon.call("GET", "/crypto/status") == {"initialized": False, "locked": False}
+    assert daemon.call("GET", "/crypto/status") == {"initialized": False, "locked": False,
+                                                       "bootstrap": None}
     daemon.call("POST", "/crypto/setup", {"password": PASSWORD})
-    assert daemon.call("GET", "/crypto/status") == {"initialized": True, "locked": True}
+    assert daemon.call("GET", "/crypto/status") == {"initialized": True, "locked": True,
+                                                       "bootstrap": None}
     keyset = daemon.state / "crypto" / "keyset.json"
     assert keyset.stat().st_mode & 0o777 == 0o600
     assert (daemon.state / "crypto").stat().st_mode & 0o777 == 0o700

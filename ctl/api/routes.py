@@ -21,6 +21,7 @@ from typing import Any
 
 from ctl import events as ev
 from ctl.api.server import Request, Response, Stream
+from ctl.bootstrap import pem
 from ctl.controller import Controller
 from ctl.errors import InvalidInput, NotFound
 from ctl.events import EventBus
@@ -127,7 +128,10 @@ MESSAGE = _out(["message"], message=STR)
 CHANGED = _out(["changed"], changed=BOOL)
 HEALTH_STATE = _out(["status", "message", "checked_at"], status=STR, message=STR,
                     checked_at=STR)
-CRYPTO = _out(["initialized", "locked"], initialized=BOOL, locked=BOOL, recovery_key=BOOL)
+BOOTSTRAP_VIA: Schema = {"enum": ["tpm", "unlock", None],
+                         "description": "how the bootstrap volume was mounted, if it is"}
+CRYPTO = _out(["initialized", "locked"], initialized=BOOL, locked=BOOL, recovery_key=BOOL,
+              bootstrap=BOOTSTRAP_VIA)
 VOLUME = _out(
     ["id", "class", "cluster_mode", "follower_policy", "cipher_dir", "mountpoint", "attached",
      "pid", "read_only", "desired_state", "observed_state", "role", "generation",
@@ -212,9 +216,11 @@ class Route:
 
 # -- validation against the published schemas ------------------------------------------------
 def _is(kind: str, value: Any) -> bool:
-    if kind in ("integer", "number"):
-        return isinstance(value, int if kind == "integer" else (int, float)) \
+    if kind == "integer":  # JSON Schema: 10.0 is an integer too
+        return (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) \
             and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, {"string": str, "boolean": bool, "object": dict, "array": list,
                               "null": type(None)}[kind])
 
@@ -249,12 +255,27 @@ def _string_violation(schema: Schema, value: str, where: str) -> str | None:
         return f"{where} must match {schema['pattern']}"
     if schema.get("format") == "date-time" and not _timestamp(value):
         return f"{where} must be an RFC 3339 date-time"
-    if schema.get("format") == "recovery-key":
-        try:
-            recovery.normalize(value)
-        except recovery.RecoveryKeyError as exc:
-            return str(exc)
+    check = FORMATS.get(schema.get("format", ""))
+    if check is not None and (why := check(value)) is not None:
+        return f"{where}: {why}"
     return None
+
+
+def _recovery_key_violation(value: str) -> str | None:
+    try:
+        recovery.normalize(value)
+    except recovery.RecoveryKeyError as exc:
+        return str(exc)
+    return None
+
+
+# Formats whose rule a JSON Schema pattern cannot state: the document names the format,
+# and validation applies the rule (a test registers a generator for each).
+FORMATS: dict[str, Callable[[str], str | None]] = {
+    "recovery-key": _recovery_key_violation,
+    "pem-private-key": pem.private_key_violation,
+    "pem-certificate-chain": pem.certificate_chain_violation,
+}
 
 
 def _violation(schema: Schema, value: Any, where: str) -> str | None:
@@ -281,6 +302,10 @@ def _violation(schema: Schema, value: Any, where: str) -> str | None:
     if isinstance(value, list):
         if len(value) > schema.get("maxItems", len(value)):
             return f"{where} must have at most {schema['maxItems']} items"
+        if len(value) < schema.get("minItems", 0):
+            return f"{where} must have at least {schema['minItems']} items"
+        if schema.get("uniqueItems") and len({json.dumps(v) for v in value}) < len(value):
+            return f"{where} must not repeat an item"
         for i, item in enumerate(value):
             if "items" in schema and (why := _violation(schema["items"], item, f"{where}[{i}]")):
                 return why
@@ -389,8 +414,10 @@ class Api:
                        needs_repair={"type": "array", "items": STR}, last_event_seq=INT)),
             Route("GET", f"{API}/openapi.json", self.openapi, "This document",
                   _out(["openapi", "info", "paths"], openapi=STR, info=OBJ, paths=OBJ)),
-            Route("GET", f"{API}/crypto/status", self.crypto_status, "Initialized / locked",
-                  _out(["initialized", "locked"], initialized=BOOL, locked=BOOL)),
+            Route("GET", f"{API}/crypto/status", self.crypto_status,
+                  "Initialized / locked, and how bootstrap came up",
+                  _out(["initialized", "locked", "bootstrap"], initialized=BOOL, locked=BOOL,
+                       bootstrap=BOOTSTRAP_VIA)),
             Route("POST", f"{API}/crypto/setup", self.setup, "Create the SDEK under a password",
                   MESSAGE, (409,), _body(["password"], password=SECRET)),
             Route("POST", f"{API}/crypto/unlock", self.unlock,
@@ -484,6 +511,11 @@ class Api:
         ]
         self._compiled = [(r, r.pattern) for r in self.routes]
 
+    def add_routes(self, routes: list[Route]) -> None:
+        """Routes of another room (they share this document and its validation)."""
+        self.routes += routes
+        self._compiled = [(r, r.pattern) for r in self.routes]
+
     # -- dispatch ------------------------------------------------------------------------
     async def dispatch(self, req: Request) -> Response | Stream:
         allowed = []
@@ -541,7 +573,8 @@ class Api:
     # -- crypto --------------------------------------------------------------------------
     async def crypto_status(self, req: Request) -> Response:
         s = self.ctl.status()
-        return Response(200, {"initialized": s["initialized"], "locked": s["locked"]})
+        return Response(200, {"initialized": s["initialized"], "locked": s["locked"],
+                              "bootstrap": s["bootstrap"]})
 
     async def setup(self, req: Request) -> Response:
         await self.ctl.keys.setup(_secret(req.json(), "password"))

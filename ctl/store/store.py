@@ -62,6 +62,10 @@ class ControlStore:
         return self.role == roles.FOLLOWER
 
     @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    @property
     def healthy(self) -> bool:
         return bool(self.health["status"] == "ok")
 

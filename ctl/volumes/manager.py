@@ -229,6 +229,11 @@ class VolumeManager:
         vol = self._vols.get(volume_id)
         return vol is not None and vol.child is not None
 
+    def mounted(self, volume_id: str) -> bool:
+        """Attached, and mountinfo shows our mount there: safe to use the mountpoint."""
+        vol = self._vols.get(volume_id)
+        return vol is not None and vol.child is not None and self._problem(vol) is None
+
     # ---------------------------------------------------------------------------------
     # ensure
     # ---------------------------------------------------------------------------------
@@ -301,17 +306,21 @@ class VolumeManager:
             role = roles.FOLLOWER
         return role
 
-    async def attach(self, volume_id: str, role: str) -> dict[str, Any]:
-        """Mount with `role`; idempotent, and flips the gate live if already mounted."""
+    async def attach(self, volume_id: str, role: str, passphrase: bytes | None = None
+                     ) -> dict[str, Any]:
+        """Mount with `role`; idempotent, and flips the gate live if already mounted.
+        `passphrase` is the volume's own, when it comes from elsewhere than the SDEK (the
+        TPM, for the bootstrap volume while locked)."""
         vol = self._granted(volume_id, role)
         if volume_id == BOOTSTRAP and role != roles.LEADER:
             raise Conflict("the bootstrap volume is always attached as leader")
         async with vol.lock:
             self._cancel_retry(vol)
-            await self._attach_locked(vol, role)
+            await self._attach_locked(vol, role, passphrase)
         return self.info(volume_id)
 
-    async def _attach_locked(self, vol: Volume, role: str) -> None:
+    async def _attach_locked(self, vol: Volume, role: str, given: bytes | None = None
+                             ) -> None:
         meta = self._meta(vol)
         problem = self._problem(vol)
         if problem is not None:
@@ -337,7 +346,7 @@ class VolumeManager:
             self._journal(vol, desired="mounted", observed="error", role=role, cause=str(exc))
             raise StateCorrupt(conf_path(str(cipher)), str(exc)) from None
         try:
-            passphrase = meta.unseal(self.keys.sdek())
+            passphrase = bytearray(given) if given is not None else meta.unseal(self.keys.sdek())
         except MetadataCorrupted as exc:
             self._journal(vol, desired="mounted", observed="error", role=role, cause=str(exc))
             raise StateCorrupt(self.paths.volume_meta(vol.id), str(exc)) from None

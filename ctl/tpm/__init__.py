@@ -1,0 +1,1 @@
+"""The TPM: secrets sealed to the measured boot state."""
