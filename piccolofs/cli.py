@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--spin-us", type=int, metavar="US",
                        help="after a request, poll for the next one this long before sleeping "
                             "(0: sleep at once; default 100)")
+    mount.add_argument("--lease", type=float, metavar="S",
+                       help="start as a leader whose writes stop after S seconds unless "
+                            "the parent extends the lease (see --ctl-fd)")
+    mount.add_argument("--token", type=int, default=0, metavar="N",
+                       help="the fencing token of this leadership term")
     mount.add_argument("--debug", action="store_true")
     password_args(mount)
 
@@ -183,6 +188,7 @@ def _mount_foreground(args: argparse.Namespace, cfg: gconfig.Config, key: bytear
     opts = mount.MountOptions(
         cipher_dir=args.cipherdir, mountpoint=args.mountpoint, read_only=args.ro,
         timeout=args.attr_timeout, ready_fd=args.ready_fd, ctl_fd=args.ctl_fd, debug=args.debug,
+        lease=args.lease, token=args.token,
     )
     if args.spin_us is not None:
         opts.spin_us = args.spin_us

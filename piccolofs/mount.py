@@ -35,6 +35,7 @@ from piccolofs import protocol
 from piccolofs.format.config import Config
 from piccolofs.format.volume import VolumeCrypto
 from piccolofs.fs.errors import Counters
+from piccolofs.fs.fence import Fence, Refused
 from piccolofs.fs.operations import PiccoloOperations
 from piccolofs.fs.request_wait import DEFAULT_SPIN_US
 
@@ -59,6 +60,8 @@ class MountOptions:
     ctl_fd: int | None = None
     debug: bool = False
     spin_us: int = DEFAULT_SPIN_US
+    lease: float | None = None  # start as a leader fenced by a write lease of this long
+    token: int = 0
 
 
 def _fuse_options(opts: MountOptions) -> set[str]:
@@ -93,6 +96,9 @@ class Session:
         self._send_lock = trio.Lock()
         self._pending: list[dict[str, Any]] = []
         self._wake = trio.Event()
+        self.fence = Fence(ops, self.report)
+        if not opts.read_only and opts.lease:
+            self.fence.set_role(True, opts.token, opts.lease)
 
     # -- control channel -----------------------------------------------------------------
     def report(self, event: dict[str, Any]) -> None:
@@ -123,6 +129,8 @@ class Session:
         cpu = proc.cpu_times()
         return {
             "role": "follower" if self.ops.read_only else "leader",
+            "token": self.fence.token,
+            "lease_remaining": self.fence.remaining(),
             "inodes": len(self.ops.inodes),
             "handles": len(self.ops._handles),
             "rss": proc.memory_info().rss,
@@ -135,10 +143,17 @@ class Session:
     async def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         protocol.validate_request(msg)
         op = msg["op"]
-        if op == "set_role":
-            self.ops.set_read_only(msg["role"] == protocol.ROLE_FOLLOWER)
-            log.info("role set to %s", msg["role"])
-            return {"ok": True, "role": msg["role"]}
+        try:
+            if op == "set_role":
+                self.fence.set_role(msg["role"] == protocol.ROLE_LEADER, msg.get("token"),
+                                    msg.get("lease"))
+                log.info("role set to %s (token %d)", msg["role"], self.fence.token)
+                return {"ok": True, "role": msg["role"], "token": self.fence.token,
+                        "deadline": self.ops.lease_until}
+            if op == "lease":
+                return {"ok": True, "deadline": self.fence.extend(msg["token"], msg["lease"])}
+        except Refused as exc:
+            return {"ok": False, "error": str(exc)}
         if op == "stats":
             return {"ok": True, **self.stats()}
         self.terminate()
@@ -212,6 +227,7 @@ class Session:
             self._ctl = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
+            nursery.start_soon(self.fence.run)
             if self._ctl is not None:
                 nursery.start_soon(self._serve_ctl)
                 nursery.start_soon(self._pump_events)

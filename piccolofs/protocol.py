@@ -3,12 +3,20 @@
 One socketpair end is inherited by the mount process (`--ctl-fd`). Both sides exchange
 newline-delimited JSON objects of at most MAX_MESSAGE bytes:
 
-    parent -> child   {"op": "set_role", "role": "leader"|"follower", "id": N}
+    parent -> child   {"op": "set_role", "role": "leader"|"follower", "id": N,
+                       "token": T?, "lease": S?}
+                      {"op": "lease", "token": T, "lease": S, "id": N}
                       {"op": "stats", "id": N}
                       {"op": "shutdown", "id": N}
     child -> parent   {"event": "ready", "pid": P, "role": R}
                       {"reply": N, "ok": true, ...} | {"reply": N, "ok": false, "error": "..."}
                       {"event": "integrity", "inode": I, "block": B|null}
+                      {"event": "lease_expired", "token": T}
+
+Fencing: a leader may hold a write lease of S seconds, extended by `lease` messages; when it
+runs out the mount turns itself read-only (and stays so until promoted again). A `token` is
+the fencing token of a leadership term: a promotion or extension carrying a token older
+than one the mount has seen is refused.
 
 Nothing secret crosses this channel: the key travels on its own fd, read once and closed.
 This module is FUSE-free so the daemon can import it.
@@ -23,7 +31,8 @@ MAX_MESSAGE = 64 * 1024
 ROLE_LEADER = "leader"
 ROLE_FOLLOWER = "follower"
 ROLES = (ROLE_LEADER, ROLE_FOLLOWER)
-OPS = ("set_role", "stats", "shutdown")
+OPS = ("set_role", "lease", "stats", "shutdown")
+MAX_LEASE = 3600.0
 
 
 class ProtocolError(ValueError):
@@ -55,6 +64,15 @@ def validate_request(msg: dict[str, Any]) -> None:
         raise ProtocolError(f"unknown op {op!r}")
     if op == "set_role" and msg.get("role") not in ROLES:
         raise ProtocolError(f"unknown role {msg.get('role')!r}")
+    if op == "lease" and ("token" not in msg or "lease" not in msg):
+        raise ProtocolError("lease needs token and lease")
+    token, lease = msg.get("token"), msg.get("lease")
+    if token is not None and (not isinstance(token, int) or isinstance(token, bool)
+                              or not 0 <= token < 2**63):
+        raise ProtocolError("token must be an integer >= 0")
+    if lease is not None and (not isinstance(lease, (int, float)) or isinstance(lease, bool)
+                              or not 0 < lease <= MAX_LEASE):
+        raise ProtocolError(f"lease must be seconds in (0, {MAX_LEASE:.0f}]")
 
 
 class LineBuffer:

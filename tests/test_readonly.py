@@ -74,7 +74,8 @@ def test_ro_at_mount_and_live_promotion(tmp_path: Path, passfile: Path) -> None:
         with pytest.raises(OSError) as e:
             (m.mnt / "file").write_bytes(b"nope")
         assert e.value.errno == errno.EROFS
-        assert m.set_role("leader") == {"reply": 2, "ok": True, "role": "leader"}
+        assert m.set_role("leader") == {"reply": 2, "ok": True, "role": "leader",
+                                         "token": 0, "deadline": None}
         (m.mnt / "file").write_bytes(b"now writable")
         assert (m.mnt / "file").read_bytes() == b"now writable"
 

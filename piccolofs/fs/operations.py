@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,9 @@ class PiccoloOperations(pyfuse3.Operations):
         self.volume = volume
         self.names = volume.names
         self.read_only = read_only
+        # A leader's write lease (time.monotonic): mutations are refused from this instant
+        # on, whatever the parent does or fails to do. None: no lease (a single node).
+        self.lease_until: float | None = None
         self.timeout = timeout
         self.inodes = InodeTable(root_fd, volume.blocks)
         self._handles: dict[int, FileHandle | DirHandle] = {}
@@ -120,7 +124,10 @@ class PiccoloOperations(pyfuse3.Operations):
             await trio.to_thread.run_sync(fn, fd)
 
     def _writable(self) -> None:
-        if self.read_only:
+        """The gate every mutation passes first: a handler already past it finishes, none
+        starts once the role is follower or the write lease has run out."""
+        if self.read_only or (self.lease_until is not None
+                              and time.monotonic() >= self.lease_until):
             raise fail(errno.EROFS)
 
     def _fd(self, ino: Inode) -> int:
