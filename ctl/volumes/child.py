@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,21 @@ class MountFailed(Failed):
     pass
 
 
+@dataclass(frozen=True)
+class Fence:
+    """A leadership term as the mount sees it: its fencing token, and how long the mount
+    may write from now on unless the lease is renewed."""
+
+    token: int
+    lease: float
+
+
 class MountChild:
     def __init__(self, volume_id: str, cipher: Path, mountpoint: Path, read_only: bool,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 fence: Fence | None = None) -> None:
         self.volume_id = volume_id
+        self.fence = fence  # a leader's term: its token and write lease, from the start
         self.cipher = cipher
         self.mountpoint = mountpoint
         self.read_only = read_only
@@ -71,6 +83,8 @@ class MountChild:
                "--ctl-fd", str(child_sock.fileno()), "--passfd", str(pass_r)]
         if self.read_only:
             cmd.append("--ro")
+        elif self.fence is not None:
+            cmd += ["--token", str(self.fence.token), "--lease", f"{self.fence.lease:.3f}"]
         cmd += ["--", str(self.cipher), str(self.mountpoint)]
         try:
             self.proc = await trio.lowlevel.open_process(
@@ -231,9 +245,16 @@ class MountChild:
             raise Failed(f"volume {self.volume_id}: {op} failed: {box[0].get('error')}")
         return box[0]
 
-    async def set_role(self, role: str) -> None:
-        await self.request("set_role", role=role)
+    async def set_role(self, role: str, fence: Fence | None = None) -> None:
+        extra = {"token": fence.token, "lease": fence.lease} if fence is not None else {}
+        await self.request("set_role", role=role, **extra)
         self.read_only = role == protocol.ROLE_FOLLOWER
+        self.fence = fence if role == protocol.ROLE_LEADER else None
+
+    async def extend_lease(self, fence: Fence) -> None:
+        """Renew the write lease of the current term (refused after it ran out)."""
+        await self.request("lease", token=fence.token, lease=fence.lease)
+        self.fence = fence
 
     async def unmount(self, lazy: bool) -> None:
         """Unmount through the kernel; Busy if files are open and not lazy.

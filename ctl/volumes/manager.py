@@ -42,7 +42,7 @@ from ctl.events import EventBus
 from ctl.keys.manager import KeyManager
 from ctl.paths import BOOTSTRAP, CONTROL, Paths
 from ctl.volumes import journal, mountinfo, mountpoint
-from ctl.volumes.child import MountChild
+from ctl.volumes.child import Fence, MountChild
 from ctl.volumes.journal import JournalRecord
 from ctl.volumes.metadata import (
     CLASSES,
@@ -78,6 +78,7 @@ class Volume:
     # the core volumes, unlock) states it; until then nothing acts on a guessed one.
     intent_lost: str | None = None
     guard_error: str | None = None
+    fence: Fence | None = None  # the leadership term this node holds, when clustered
 
 
 def _message(exc: BaseException) -> str:
@@ -214,6 +215,7 @@ class VolumeManager:
             "pid": child.pid if child else None,
             "read_only": child.read_only if child else None,
             "mountpoint_guarded": vol.guard_error is None,
+            "token": vol.fence.token if vol.fence else None,
             **record,
         }
 
@@ -306,16 +308,18 @@ class VolumeManager:
             role = roles.FOLLOWER
         return role
 
-    async def attach(self, volume_id: str, role: str, passphrase: bytes | None = None
-                     ) -> dict[str, Any]:
+    async def attach(self, volume_id: str, role: str, passphrase: bytes | None = None,
+                     fence: Fence | None = None) -> dict[str, Any]:
         """Mount with `role`; idempotent, and flips the gate live if already mounted.
         `passphrase` is the volume's own, when it comes from elsewhere than the SDEK (the
-        TPM, for the bootstrap volume while locked)."""
+        TPM, for the bootstrap volume while locked). `fence`: a leader's term (token and
+        write lease) when leadership comes from a cluster."""
         vol = self._granted(volume_id, role)
         if volume_id == BOOTSTRAP and role != roles.LEADER:
             raise Conflict("the bootstrap volume is always attached as leader")
         async with vol.lock:
             self._cancel_retry(vol)
+            vol.fence = fence if role == roles.LEADER else None
             await self._attach_locked(vol, role, passphrase)
         return self.info(volume_id)
 
@@ -326,8 +330,9 @@ class VolumeManager:
         if problem is not None:
             await self._lost(vol, problem)
         if vol.child is not None:
-            if vol.child.read_only != (role == roles.FOLLOWER):
-                await vol.child.set_role(role)
+            if vol.child.read_only != (role == roles.FOLLOWER) or \
+                    (vol.fence is not None and vol.child.fence != vol.fence):
+                await vol.child.set_role(role, vol.fence)
             r = vol.record
             if (r.desired_state, r.observed_state, r.role) != ("mounted", "mounted", role) \
                     or r.needs_repair:
@@ -354,7 +359,8 @@ class VolumeManager:
         self._journal(vol, desired="mounted", observed="pending", role=role)
         child = MountChild(vol.id, cipher, self.paths.mount(vol.id),
                            read_only=role == roles.FOLLOWER,
-                           on_event=lambda msg: self._child_event(vol, msg))
+                           on_event=lambda msg: self._child_event(vol, msg),
+                           fence=vol.fence if role == roles.LEADER else None)
         vol.child, vol.expected_exit = child, False
         assert self._nursery is not None
         try:
@@ -375,6 +381,35 @@ class VolumeManager:
         if msg.get("event") == "integrity":
             log.warning("volume %s: integrity failure inode %s block %s", vol.id,
                         msg.get("inode"), msg.get("block"))
+        elif msg.get("event") == "lease_expired" and vol.child is not None:
+            # The mount stopped writing by its own clock: it is a follower now, whatever
+            # the registry will say.
+            log.warning("volume %s: the write lease of term %s ran out; read-only", vol.id,
+                        msg.get("token"))
+            vol.child.read_only, vol.child.fence, vol.fence = True, None, None
+            assert self._nursery is not None
+            self._nursery.start_soon(self._note_demotion, vol)
+
+    async def _note_demotion(self, vol: Volume) -> None:
+        async with vol.lock:
+            if vol.child is not None and vol.record.role != roles.FOLLOWER:
+                self._journal(vol, role=roles.FOLLOWER)
+
+    async def renew(self, volume_id: str, fence: Fence) -> bool:
+        """Extend a leader's write lease after a renewal of its term; False when the
+        mount refuses (its lease already ran out, or another term)."""
+        vol = self._vols.get(volume_id)
+        child = vol.child if vol is not None else None
+        if vol is None or child is None or child.read_only or vol.fence is None \
+                or vol.fence.token != fence.token:
+            return False
+        try:
+            await child.extend_lease(fence)
+        except Failed as exc:
+            log.warning("volume %s: lease not renewed: %s", volume_id, exc.message)
+            return False
+        vol.fence = fence
+        return True
 
     async def _supervise(self, vol: Volume, child: MountChild, passphrase: bytes, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
