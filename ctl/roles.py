@@ -12,6 +12,8 @@ MAX_RESOURCES of them: what a client may make the daemon remember is bounded.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from ctl.errors import Conflict, InvalidInput
@@ -33,6 +35,18 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and _NAME.fullmatch(name) is not None
 
 
+@dataclass(frozen=True)
+class Fence:
+    """A leadership term as a mount sees it: the term's fencing token, and how many
+    seconds from now the mount may write unless the lease is renewed."""
+
+    token: int
+    lease: float
+
+
+Renewal = Callable[[str, Fence], Awaitable[bool]]
+
+
 class LeadershipRegistry(Protocol):
     def role(self, resource: str) -> str: ...
 
@@ -41,6 +55,18 @@ class LeadershipRegistry(Protocol):
     def set_role(self, resource: str, role: str) -> bool: ...
 
     def snapshot(self) -> dict[str, str]: ...
+
+    def fence(self, resource: str) -> Fence | None:
+        """The term to fence a leader's mount with; None: unfenced (a single node)."""
+
+    def track(self, resource: str) -> None:
+        """This node serves the volume now: campaign for it (a cluster)."""
+
+    def untrack(self, resource: str) -> None:
+        """This node no longer serves it: step down and stop campaigning."""
+
+    def on_renewal(self, callback: Renewal) -> None:
+        """`callback(resource, fence)` after every renewal of a term this node holds."""
 
 
 class LocalRegistry:
@@ -74,3 +100,15 @@ class LocalRegistry:
 
     def snapshot(self) -> dict[str, str]:
         return dict(self._roles)
+
+    def fence(self, resource: str) -> Fence | None:
+        return None  # one node: nobody else can write, nothing to fence
+
+    def track(self, resource: str) -> None:
+        pass
+
+    def untrack(self, resource: str) -> None:
+        pass
+
+    def on_renewal(self, callback: Renewal) -> None:
+        pass

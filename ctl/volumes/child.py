@@ -17,13 +17,13 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from ctl.errors import Busy, Failed
+from ctl.roles import Fence
 from ctl.volumes import mountinfo
 from piccolofs import protocol
 
@@ -41,15 +41,6 @@ DRAIN_GRACE = 2.0
 
 class MountFailed(Failed):
     pass
-
-
-@dataclass(frozen=True)
-class Fence:
-    """A leadership term as the mount sees it: its fencing token, and how long the mount
-    may write from now on unless the lease is renewed."""
-
-    token: int
-    lease: float
 
 
 class MountChild:

@@ -41,8 +41,9 @@ from ctl.errors import (
 from ctl.events import EventBus
 from ctl.keys.manager import KeyManager
 from ctl.paths import BOOTSTRAP, CONTROL, Paths
+from ctl.roles import Fence
 from ctl.volumes import journal, mountinfo, mountpoint
-from ctl.volumes.child import Fence, MountChild
+from ctl.volumes.child import MountChild
 from ctl.volumes.journal import JournalRecord
 from ctl.volumes.metadata import (
     CLASSES,
@@ -113,6 +114,7 @@ class VolumeManager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._load()
+            self.registry.on_renewal(self.renew)
             sub = self.bus.subscribe(["leadership_role_changed"])
             nursery.start_soon(self._follow_roles, sub)
             nursery.start_soon(self._watch)
@@ -308,18 +310,18 @@ class VolumeManager:
             role = roles.FOLLOWER
         return role
 
-    async def attach(self, volume_id: str, role: str, passphrase: bytes | None = None,
-                     fence: Fence | None = None) -> dict[str, Any]:
+    async def attach(self, volume_id: str, role: str, passphrase: bytes | None = None
+                     ) -> dict[str, Any]:
         """Mount with `role`; idempotent, and flips the gate live if already mounted.
         `passphrase` is the volume's own, when it comes from elsewhere than the SDEK (the
-        TPM, for the bootstrap volume while locked). `fence`: a leader's term (token and
-        write lease) when leadership comes from a cluster."""
+        TPM, for the bootstrap volume while locked). A leader's mount is fenced with the
+        registry's current term (token and write lease) when leadership comes from a
+        cluster."""
         vol = self._granted(volume_id, role)
         if volume_id == BOOTSTRAP and role != roles.LEADER:
             raise Conflict("the bootstrap volume is always attached as leader")
         async with vol.lock:
             self._cancel_retry(vol)
-            vol.fence = fence if role == roles.LEADER else None
             await self._attach_locked(vol, role, passphrase)
         return self.info(volume_id)
 
@@ -329,9 +331,11 @@ class VolumeManager:
         problem = self._problem(vol)
         if problem is not None:
             await self._lost(vol, problem)
+        vol.fence = self.registry.fence(vol.id) if role == roles.LEADER else None
         if vol.child is not None:
+            child_token = vol.child.fence.token if vol.child.fence else None
             if vol.child.read_only != (role == roles.FOLLOWER) or \
-                    (vol.fence is not None and vol.child.fence != vol.fence):
+                    (vol.fence is not None and child_token != vol.fence.token):
                 await vol.child.set_role(role, vol.fence)
             r = vol.record
             if (r.desired_state, r.observed_state, r.role) != ("mounted", "mounted", role) \
@@ -376,6 +380,8 @@ class VolumeManager:
         finally:
             passphrase[:] = bytes(len(passphrase))
         self._journal(vol, observed="mounted", role=role)
+        if vol.id not in CORE and meta.cluster_mode == "stateful":
+            self.registry.track(vol.id)
 
     def _child_event(self, vol: Volume, msg: dict[str, Any]) -> None:
         if msg.get("event") == "integrity":
@@ -554,6 +560,7 @@ class VolumeManager:
                 raise
             vol.child = None
             vol.draining = child if child.draining else None
+            self.registry.untrack(vol.id)
             await self._unmounted(vol)
             self._journal(vol, desired=desired, observed="unmounted")
         return self.info(volume_id)
