@@ -210,6 +210,8 @@ def _volume_line(v: dict[str, Any]) -> str:
     if v.get("read_only"):
         flags.append("read-only")
     err = f"  error: {v['last_error']}" if v.get("last_error") else ""
+    if v.get("term") is not None:
+        flags.append(f"term {v['term']} led by {v.get('leader_node') or '?'}")
     return (f"{v['id']:<16} {v.get('class') or '?':<12} desired={v['desired_state']:<9} "
             f"observed={v['observed_state']:<9} role={v['role']:<8} gen={v['generation']}"
             f"{'  [' + ', '.join(flags) + ']' if flags else ''}{err}")
@@ -371,6 +373,25 @@ def cmd_leadership(c: Client, args: argparse.Namespace) -> int:
         res = c.call("GET", "/leadership")
     _print(args, res, "\n".join(f"{k}: {v}" for k, v in sorted(res["roles"].items()))
            or "all resources: leader (local default)")
+    return OK
+
+
+def cmd_cluster(c: Client, args: argparse.Namespace) -> int:
+    s = c.call("GET", "/cluster")
+    if s["mode"] != "etcd":
+        _print(args, s, "single node: every volume is led here")
+        return OK
+    lines = [f"node {s['node_id']}; etcd quorum: {'yes' if s['quorum'] else 'NO'}"
+             + (f" ({s['reason']})" if s.get("reason") else "")]
+    lines += [f"  {m['endpoint']}: " + ("unreachable" if not m["reachable"] else
+                                         "leader" if m["leader"] else "member")
+              + (f" ({m['error']})" if m.get("error") else "") for m in s["members"]]
+    for vid, t in sorted(s["terms"].items()):
+        lines.append(f"  volume {vid}: {t['role']}, term {t['token']} held by "
+                     f"{t['holder'] or '?'}"
+                     + (f" (last step-down: {t['step_down_reason']})"
+                        if t.get("step_down_reason") else ""))
+    _print(args, s, "\n".join(lines))
     return OK
 
 
@@ -542,6 +563,8 @@ def _parser() -> argparse.ArgumentParser:
     ce.add_argument("name", nargs="?")
     ce.add_argument("--cert", help="PEM certificate chain file (set)")
     ce.add_argument("--key", help="PEM private key file (set)")
+    cl = sub.add_parser("cluster", help="cluster leadership (etcd)")
+    cl.add_argument("action", choices=["status"])
     ld = sub.add_parser("leadership")
     ld.add_argument("resource", nargs="?")
     ld.add_argument("role", nargs="?", choices=["leader", "follower"])
@@ -552,7 +575,7 @@ COMMANDS = {"status": cmd_status, "setup": cmd_setup, "unlock": cmd_unlock,
             "lock": cmd_lock, "reset-password": cmd_reset_password, "passwd": cmd_passwd,
             "recovery-key": cmd_recovery_key, "volume": cmd_volume, "events": cmd_events,
             "health": cmd_health, "store": cmd_store, "leadership": cmd_leadership,
-            "tpm": cmd_tpm, "bootstrap": cmd_bootstrap}
+            "tpm": cmd_tpm, "bootstrap": cmd_bootstrap, "cluster": cmd_cluster}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

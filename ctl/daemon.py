@@ -16,15 +16,18 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from ctl.api.bootstrap import bootstrap_routes
+from ctl.api.cluster import cluster_routes
 from ctl.api.routes import Api
 from ctl.api.server import ApiServer
 from ctl.bootstrap.assets import Assets
 from ctl.bootstrap.tpm import BootstrapTpm
+from ctl.cluster.registry import EtcdRegistry
 from ctl.controller import Controller
 from ctl.events import EventBus
 from ctl.keys.keyset import KdfParams
@@ -55,6 +58,13 @@ def sd_notify(state: str) -> None:
 
 class AlreadyRunning(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Cluster:
+    node_id: str
+    endpoints: list[str]
+    lease_ttl: float
 
 
 def take_lock(paths: Paths) -> int:
@@ -92,9 +102,11 @@ async def persist_audit(bus: EventBus, store: ControlStore) -> None:
 
 
 async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval: float,
-                tpm_tcti: str | None = None) -> None:
+                tpm_tcti: str | None = None, cluster: Cluster | None = None) -> None:
     bus = EventBus()
-    registry = LocalRegistry(bus)
+    registry: LocalRegistry | EtcdRegistry = LocalRegistry(bus)
+    if cluster is not None:
+        registry = EtcdRegistry(bus, cluster.node_id, cluster.endpoints, cluster.lease_ttl)
     keys = KeyManager(paths, kdf)
     volumes = VolumeManager(paths, keys, bus, registry, scrypt_log_n=scrypt_log_n)
     store = ControlStore(paths.control_db, bus, registry, check_interval=check_interval)
@@ -103,9 +115,12 @@ async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval:
     controller = Controller(keys, volumes, bus, registry, store, tpm, assets)
     api = Api(controller, volumes, bus, registry, store)
     api.add_routes(bootstrap_routes(controller, tpm, assets, bus))
+    api.add_routes(cluster_routes(registry))
     server = ApiServer(paths.socket, api.dispatch)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+            if isinstance(registry, EtcdRegistry):
+                await nursery.start(registry.run)
             await nursery.start(volumes.run)
             await nursery.start(store.run)
             nursery.start_soon(persist_audit, bus, store)
@@ -137,11 +152,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tpm-tcti", metavar="TCTI",
                    help="the TPM for the bootstrap key (default: $PICCOLO_TPM_TCTI, else "
                         "device:/dev/tpmrm0)")
+    p.add_argument("--node-id", help="this node's id in a cluster (default: $PICCOLO_NODE_ID)")
+    p.add_argument("--etcd", metavar="URL[,URL...]",
+                   help="etcd endpoints: leadership of stateful volumes comes from etcd "
+                        "(default: $PICCOLO_ETCD; none: a single node)")
+    p.add_argument("--lease-ttl", type=float, default=5.0, metavar="S",
+                   help="leadership lease TTL in seconds (cluster)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="piccolo-ctld %(levelname)s %(name)s: %(message)s")
     paths = Paths.resolve(args.state_dir, args.run_dir)
+    etcd = args.etcd or os.environ.get("PICCOLO_ETCD")
+    cluster = None
+    if etcd:
+        node_id = args.node_id or os.environ.get("PICCOLO_NODE_ID") or socket.gethostname()
+        cluster = Cluster(node_id, [e.strip() for e in etcd.split(",") if e.strip()],
+                          args.lease_ttl)
     os.umask(0o077)
     paths.ensure()
     try:
@@ -151,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         trio.run(serve, paths, KdfParams(args.kdf_time, args.kdf_memory, args.kdf_threads),
-                 args.volume_scryptn, args.store_check_interval, args.tpm_tcti)
+                 args.volume_scryptn, args.store_check_interval, args.tpm_tcti, cluster)
     finally:
         os.close(lock_fd)
     return 0

@@ -218,6 +218,7 @@ class VolumeManager:
             "read_only": child.read_only if child else None,
             "mountpoint_guarded": vol.guard_error is None,
             "token": vol.fence.token if vol.fence else None,
+            **dict(zip(("leader_node", "term"), self.registry.leader(vol.id), strict=True)),
             **record,
         }
 
@@ -331,6 +332,8 @@ class VolumeManager:
         problem = self._problem(vol)
         if problem is not None:
             await self._lost(vol, problem)
+        if vol.id not in CORE and meta.cluster_mode == "stateful":
+            self.registry.track(vol.id)  # serving it (even detached as a follower): a candidate
         vol.fence = self.registry.fence(vol.id) if role == roles.LEADER else None
         if vol.child is not None:
             child_token = vol.child.fence.token if vol.child.fence else None
@@ -380,8 +383,6 @@ class VolumeManager:
         finally:
             passphrase[:] = bytes(len(passphrase))
         self._journal(vol, observed="mounted", role=role)
-        if vol.id not in CORE and meta.cluster_mode == "stateful":
-            self.registry.track(vol.id)
 
     def _child_event(self, vol: Volume, msg: dict[str, Any]) -> None:
         if msg.get("event") == "integrity":
@@ -534,7 +535,7 @@ class VolumeManager:
                     await self._unmounted(self._vols.get(name) or Volume(name, JournalRecord()))
 
     async def detach(self, volume_id: str, lazy: bool = False,
-                     keep_intent: bool = False) -> dict[str, Any]:
+                     keep_intent: bool = False, candidate: bool = False) -> dict[str, Any]:
         """Unmount. Busy (409) if files are open, unless `lazy`. With `keep_intent` the
         desired state stays as it was (lock, shutdown), otherwise it becomes unmounted."""
         vol = self._get(volume_id)
@@ -545,6 +546,8 @@ class VolumeManager:
             self._cancel_retry(vol)
             desired = vol.record.desired_state if keep_intent else "unmounted"
             child = vol.child
+            if not candidate:  # a follower detached by its policy still campaigns
+                self.registry.untrack(vol.id)
             if child is None:
                 await self._unmounted(vol)
                 r = vol.record
@@ -560,7 +563,6 @@ class VolumeManager:
                 raise
             vol.child = None
             vol.draining = child if child.draining else None
-            self.registry.untrack(vol.id)
             await self._unmounted(vol)
             self._journal(vol, desired=desired, observed="unmounted")
         return self.info(volume_id)
@@ -587,7 +589,7 @@ class VolumeManager:
                 if role == roles.FOLLOWER:
                     meta = self._meta(vol)
                     if meta.follower_policy == "detached":
-                        await self.detach(vol.id, lazy=True, keep_intent=True)
+                        await self.detach(vol.id, lazy=True, keep_intent=True, candidate=True)
                         async with vol.lock:
                             self._journal(vol, role=roles.FOLLOWER)
                     else:
