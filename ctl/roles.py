@@ -1,7 +1,8 @@
 """The leadership registry: "may this node write volume X?".
 
 `LocalRegistry` is the single-node implementation: it grants leadership for every resource
-unless told otherwise (an operator, or a future consensus module, calls `set_role`). Every
+unless told otherwise (an operator calls `set_role`); a cluster's registry
+(ctl.cluster.registry) takes leadership from etcd and fences leaders with their term. Every
 change is published as `leadership_role_changed {resource, role}`; the volume manager
 follows those events to flip mounted volumes live.
 
@@ -68,6 +69,9 @@ class LeadershipRegistry(Protocol):
     def on_renewal(self, callback: Renewal) -> None:
         """`callback(resource, fence)` after every renewal of a term this node holds."""
 
+    def leader(self, resource: str) -> tuple[str | None, int | None]:
+        """The node holding `resource`'s current term and its token, as far as known."""
+
 
 class LocalRegistry:
     def __init__(self, bus: EventBus, default: str = LEADER) -> None:
@@ -112,3 +116,6 @@ class LocalRegistry:
 
     def on_renewal(self, callback: Renewal) -> None:
         pass
+
+    def leader(self, resource: str) -> tuple[str | None, int | None]:
+        return None, None
