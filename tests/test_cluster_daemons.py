@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import signal
 import threading
 import time
@@ -19,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import PASSWORD, Daemon
+from tests.cluster import VOLUME, form, leaders, wait_leader
+from tests.daemon import Daemon
 from tests.etcd import EtcdCluster
 
 pytestmark = pytest.mark.timeout(300)
 TTL = "2"
-VOLUME = "photos"
 
 
 class Writer(threading.Thread):
@@ -60,53 +59,13 @@ def cluster(tmp_path: Path) -> Iterator[tuple[EtcdCluster, list[Daemon]]]:
                 (tmp_path / name).mkdir()
                 nodes.append(Daemon(tmp_path / name, [
                     "--node-id", name, "--etcd", ",".join(etcd.endpoints), "--lease-ttl", TTL]))
-            _form(nodes)
+            form(nodes)
             yield etcd, nodes
         finally:
             for d in nodes:
                 if d.proc is not None:
                     os.kill(d.proc.pid, signal.SIGCONT)
                 d.stop()
-
-
-def _form(nodes: list[Daemon]) -> None:
-    first = nodes[0].start()
-    first.setup_and_unlock()
-    first.call("POST", "/volumes", {"id": VOLUME})
-    for d in nodes[1:]:
-        (d.state / "crypto").mkdir(parents=True, mode=0o700)
-        shutil.copy2(first.state / "crypto" / "keyset.json", d.state / "crypto")
-        (d.state / "ciphertext").mkdir(mode=0o700)
-        (d.state / "ciphertext" / VOLUME).symlink_to(first.state / "ciphertext" / VOLUME)
-        d.start()
-        d.call("POST", "/crypto/unlock", {"password": PASSWORD})
-        d.call("POST", "/volumes", {"id": VOLUME})
-    for d in nodes:  # a grant promotes; until then, read-only
-        d.call("POST", f"/volumes/{VOLUME}/attach", {"role": "follower"})
-
-
-def _leaders(nodes: list[Daemon]) -> list[Daemon]:
-    out = []
-    for d in nodes:
-        if d.proc is None:
-            continue
-        v = d.volume(VOLUME)
-        if v["attached"] and v["read_only"] is False:
-            out.append(d)
-    return out
-
-
-def _wait_leader(nodes: list[Daemon], exclude: Daemon | None = None,
-                 timeout: float = 30.0) -> tuple[Daemon, float]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        live = [d for d in nodes if d is not exclude and d.proc is not None]
-        leaders = _leaders(live)
-        if len(leaders) == 1:
-            return leaders[0], time.monotonic()
-        time.sleep(0.05)
-    raise AssertionError("no single leader emerged: "
-                         + "; ".join(n.log()[-1500:] for n in nodes))
 
 
 def _switches(writers: list[Writer]) -> int:
@@ -118,7 +77,7 @@ def _switches(writers: list[Writer]) -> int:
 def test_failover_fencing_and_quorum(cluster: tuple[EtcdCluster, list[Daemon]],
                                      capsys: pytest.CaptureFixture[str]) -> None:
     etcd, nodes = cluster
-    leader, _ = _wait_leader(nodes)
+    leader, _ = wait_leader(nodes)
     info = leader.volume(VOLUME)
     assert info["leader_node"] == leader.extra[1] and info["token"] == info["term"] > 0
     for d in nodes:
@@ -139,7 +98,7 @@ def test_failover_fencing_and_quorum(cluster: tuple[EtcdCluster, list[Daemon]],
         time.sleep(0.5)
         t0 = time.monotonic()
         leader.kill9()
-        second, t1 = _wait_leader(nodes, exclude=leader)
+        second, t1 = wait_leader(nodes, exclude=leader)
         takeovers["daemon kill -9"] = t1 - t0
         time.sleep(0.5)
 
@@ -149,12 +108,12 @@ def test_failover_fencing_and_quorum(cluster: tuple[EtcdCluster, list[Daemon]],
         os.kill(second.proc.pid, signal.SIGSTOP)
         frozen_pid = second.proc.pid
         live = [d for d in nodes if d is not leader and d is not second]
-        third, t1 = _wait_leader(live)
+        third, t1 = wait_leader(live)
         takeovers["daemon SIGSTOP"] = t1 - t0
         os.kill(frozen_pid, signal.SIGCONT)
         second.wait_for(lambda: second.volume(VOLUME)["read_only"] is True,
                         what="the resumed ex-leader to be a follower")
-        assert _leaders([d for d in nodes if d.proc is not None]) == [third]
+        assert leaders([d for d in nodes if d.proc is not None]) == [third]
         time.sleep(0.5)
 
         # 3. quorum loss: every leader steps down within the TTL, and says why.
@@ -170,7 +129,7 @@ def test_failover_fencing_and_quorum(cluster: tuple[EtcdCluster, list[Daemon]],
         etcd.start_member(1)
         etcd.start_member(2)
         t0 = time.monotonic()
-        _, t1 = _wait_leader([d for d in nodes if d.proc is not None])
+        _, t1 = wait_leader([d for d in nodes if d.proc is not None])
         takeovers["quorum back: new leader"] = t1 - t0
         time.sleep(0.5)
     finally:
@@ -186,7 +145,7 @@ def test_failover_fencing_and_quorum(cluster: tuple[EtcdCluster, list[Daemon]],
     assert _switches(writers) <= 4, [(w.node, len(w.accepted)) for w in writers]
     # Every acknowledged record is on the shared storage, in order; past them at most the
     # one write in flight when its node's daemon was killed (applied, never answered).
-    final = _leaders([d for d in nodes if d.proc is not None])[0]
+    final = leaders([d for d in nodes if d.proc is not None])[0]
     for w in writers:
         if not w.accepted:
             continue

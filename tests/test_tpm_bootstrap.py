@@ -139,6 +139,10 @@ def test_a_sealed_key_from_another_tpm_is_refused(tmp_path: Path, tpm: Swtpm) ->
         assert [f["kind"] for f in _unseal_failures(d)] == ["wrong_tpm"]
         d.call("POST", "/crypto/unlock", {"password": PASSWORD})
         assert is_mounted(d.mount("bootstrap"))
+        # The password proved, the key is sealed to this TPM: the next boot needs none.
+        d.wait_for(lambda: d.events(topic="tpm_resealed"), what="the reseal to this TPM")
+        _restart(d)
+        assert d.call("GET", "/crypto/status")["bootstrap"] == "tpm"
     finally:
         d.stop()
         other.stop()

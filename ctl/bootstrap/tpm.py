@@ -217,11 +217,13 @@ class BootstrapTpm:
 
     async def after_unlock(self, client: str) -> None:
         """Bootstrap came up with the password: note it, and if the TPM refused the sealed
-        key because the PCRs changed, reseal to the current values."""
+        key because the PCRs changed or because it was sealed by another TPM (the disk or
+        a restored state dir moved here), seal it to this TPM's current values, with the
+        enrolment's PCR selection."""
         if self.came_up is None:
             self.came_up = "unlock"
         failure = self.last_failure
-        if failure is None or failure["kind"] != "policy_mismatch":
+        if failure is None or failure["kind"] not in ("policy_mismatch", "wrong_tpm"):
             return
         try:
             sealed = self._load()
@@ -231,9 +233,9 @@ class BootstrapTpm:
         except CtlError as exc:
             log.warning("could not reseal the bootstrap key: %s", exc.message)
             return
-        self.bus.publish("tpm_resealed", {"pcrs": list(sealed.pcrs)})
+        self.bus.publish("tpm_resealed", {"pcrs": list(sealed.pcrs), "after": failure["kind"]})
         self.bus.publish("audit", {"kind": "tpm.reseal", "client": client,
-                                   "pcrs": list(sealed.pcrs)})
+                                   "pcrs": list(sealed.pcrs), "after": failure["kind"]})
 
 
 def _kind(exc: BaseException) -> str:
