@@ -6,14 +6,16 @@ machine (loopback), one volume on shared storage.
 
 Scenarios: the leader's daemon killed (kill -9), frozen (SIGSTOP), and etcd losing quorum
 (two members stopped: how long until the leader stops being one; then, members back, how
-long until a new leader). A takeover is timed from the event to the moment exactly one
-other node's mount is writable. Prints a Markdown table of medians and ranges.
+long until a new leader). A takeover is timed from the event (at a random moment of
+the leader's term) to the moment exactly one other node's mount is writable. Prints a
+Markdown table of medians and ranges.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import statistics
 import tempfile
@@ -31,7 +33,8 @@ def _revive(d: Daemon) -> None:
     d.call("POST", f"/volumes/{VOLUME}/attach", {"role": "follower"})
 
 
-def run(ttl: float, trials: int, base: Path) -> dict[str, list[float]]:
+def run(ttl: float, trials: int, base: Path, seed: int = 1) -> dict[str, list[float]]:
+    rng = random.Random(seed)
     times: dict[str, list[float]] = {"daemon kill -9": [], "daemon SIGSTOP": [],
                                      "quorum loss: step-down": [],
                                      "quorum back: new leader": []}
@@ -46,6 +49,7 @@ def run(ttl: float, trials: int, base: Path) -> dict[str, list[float]]:
             form(nodes)
             for _ in range(trials):
                 leader, _ = wait_leader(nodes)
+                time.sleep(rng.uniform(ttl, 2 * ttl))  # a failure at any moment of a term
                 t0 = time.monotonic()
                 leader.kill9()
                 _, t1 = wait_leader(nodes, exclude=leader)
@@ -54,6 +58,7 @@ def run(ttl: float, trials: int, base: Path) -> dict[str, list[float]]:
                 _revive(leader)
 
                 leader, _ = wait_leader(nodes)
+                time.sleep(rng.uniform(ttl, 2 * ttl))
                 assert leader.proc is not None
                 pid = leader.proc.pid
                 t0 = time.monotonic()
