@@ -398,9 +398,18 @@ class VolumeManager:
             self._nursery.start_soon(self._note_demotion, vol)
 
     async def _note_demotion(self, vol: Volume) -> None:
+        """Journal the demotion. If the term is in fact still held (an extension arrived
+        too late), promote again with the term's current lease: leadership must not stay
+        with a node whose mount cannot write."""
         async with vol.lock:
             if vol.child is not None and vol.record.role != roles.FOLLOWER:
                 self._journal(vol, role=roles.FOLLOWER)
+            if vol.child is not None and self.registry.may_lead(vol.id) \
+                    and not self.keys.locked:
+                try:
+                    await self._attach_locked(vol, roles.LEADER)
+                except CtlError as exc:
+                    log.warning("volume %s: re-promotion failed: %s", vol.id, exc.message)
 
     async def renew(self, volume_id: str, fence: Fence) -> bool:
         """Extend a leader's write lease after a renewal of its term; False when the
