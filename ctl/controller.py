@@ -98,7 +98,9 @@ class Controller:
             if problems:
                 log.warning("unlocked; volumes needing repair: %s", ", ".join(problems))
             self.bus.publish("lock_state_changed", {"locked": False})
-            await self._after_unlock(client)
+        # Outside the transition: these touch the bootstrap mount, which must never be able
+        # to hold lock or shutdown hostage.
+        await self._after_unlock(client)
 
     async def _after_unlock(self, client: str) -> None:
         """Steps that need the SDEK and the store but must never undo an unlock."""

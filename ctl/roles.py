@@ -38,17 +38,21 @@ def valid_name(name: object) -> bool:
 
 @dataclass(frozen=True)
 class Fence:
-    """A leadership term as a mount sees it: the term's fencing token, and how many
-    seconds from now the mount may write unless the lease is renewed."""
+    """A leadership term as a mount sees it: the term's fencing token, and until when the
+    mount may write unless the lease is renewed — an instant on the machine's monotonic
+    clock (`time.monotonic()`, shared by every process), so that no delay in passing it
+    on can lengthen it."""
 
     token: int
-    lease: float
+    until: float
 
 
 Renewal = Callable[[str, Fence], Awaitable[bool]]
 
 
 class LeadershipRegistry(Protocol):
+    fenced: bool  # leaders' mounts are fenced by a term (a cluster)
+
     def role(self, resource: str) -> str: ...
 
     def may_lead(self, resource: str) -> bool: ...
@@ -74,6 +78,8 @@ class LeadershipRegistry(Protocol):
 
 
 class LocalRegistry:
+    fenced = False
+
     def __init__(self, bus: EventBus, default: str = LEADER) -> None:
         self._bus = bus
         self._default = default

@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--lease", type=float, metavar="S",
                        help="start as a leader whose writes stop after S seconds unless "
                             "the parent extends the lease (see --ctl-fd)")
+    mount.add_argument("--lease-until", type=float, metavar="T", help=argparse.SUPPRESS)
     mount.add_argument("--token", type=int, default=0, metavar="N",
                        help="the fencing token of this leadership term")
     mount.add_argument("--debug", action="store_true")
@@ -188,7 +189,7 @@ def _mount_foreground(args: argparse.Namespace, cfg: gconfig.Config, key: bytear
     opts = mount.MountOptions(
         cipher_dir=args.cipherdir, mountpoint=args.mountpoint, read_only=args.ro,
         timeout=args.attr_timeout, ready_fd=args.ready_fd, ctl_fd=args.ctl_fd, debug=args.debug,
-        lease=args.lease, token=args.token,
+        lease=args.lease, lease_until=args.lease_until, token=args.token,
     )
     if args.spin_us is not None:
         opts.spin_us = args.spin_us

@@ -24,6 +24,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ class MountOptions:
     debug: bool = False
     spin_us: int = DEFAULT_SPIN_US
     lease: float | None = None  # start as a leader fenced by a write lease of this long
+    lease_until: float | None = None  # ... or ending then (time.monotonic, as the parent's)
     token: int = 0
 
 
@@ -97,8 +99,13 @@ class Session:
         self._pending: list[dict[str, Any]] = []
         self._wake = trio.Event()
         self.fence = Fence(ops, self.report)
-        if not opts.read_only and opts.lease:
-            self.fence.set_role(True, opts.token, opts.lease)
+        if not opts.read_only and (opts.lease or opts.lease_until):
+            try:
+                self.fence.set_role(True, opts.token, opts.lease_until
+                                    or time.monotonic() + (opts.lease or 0))
+            except Refused as exc:  # started too late to write at all
+                log.warning("starting read-only: %s", exc)
+                ops.set_read_only(True)
 
     # -- control channel -----------------------------------------------------------------
     def report(self, event: dict[str, Any]) -> None:
@@ -146,12 +153,14 @@ class Session:
         try:
             if op == "set_role":
                 self.fence.set_role(msg["role"] == protocol.ROLE_LEADER, msg.get("token"),
-                                    msg.get("lease"))
+                                    protocol.lease_end(msg))
                 log.info("role set to %s (token %d)", msg["role"], self.fence.token)
                 return {"ok": True, "role": msg["role"], "token": self.fence.token,
                         "deadline": self.ops.lease_until}
             if op == "lease":
-                return {"ok": True, "deadline": self.fence.extend(msg["token"], msg["lease"])}
+                until = protocol.lease_end(msg)
+                assert until is not None
+                return {"ok": True, "deadline": self.fence.extend(msg["token"], until)}
         except Refused as exc:
             return {"ok": False, "error": str(exc)}
         if op == "stats":

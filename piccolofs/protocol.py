@@ -4,8 +4,8 @@ One socketpair end is inherited by the mount process (`--ctl-fd`). Both sides ex
 newline-delimited JSON objects of at most MAX_MESSAGE bytes:
 
     parent -> child   {"op": "set_role", "role": "leader"|"follower", "id": N,
-                       "token": T?, "lease": S?}
-                      {"op": "lease", "token": T, "lease": S, "id": N}
+                       "token": T?, "until": M? | "lease": S?}
+                      {"op": "lease", "token": T, "until": M | "lease": S, "id": N}
                       {"op": "stats", "id": N}
                       {"op": "shutdown", "id": N}
     child -> parent   {"event": "ready", "pid": P, "role": R}
@@ -13,8 +13,11 @@ newline-delimited JSON objects of at most MAX_MESSAGE bytes:
                       {"event": "integrity", "inode": I, "block": B|null}
                       {"event": "lease_expired", "token": T}
 
-Fencing: a leader may hold a write lease of S seconds, extended by `lease` messages; when it
-runs out the mount turns itself read-only (and stays so until promoted again). A `token` is
+Fencing: a leader may hold a write lease, extended by `lease` messages; when it runs out the
+mount turns itself read-only (and stays so until promoted again). A parent gives the lease's
+end as `until`, on the machine's monotonic clock (CLOCK_MONOTONIC, shared by every process),
+so that no delay in delivering the message lengthens it; `lease` (seconds from receipt) is
+for a hand-driven mount. A `token` is
 the fencing token of a leadership term: a promotion or extension carrying a token older
 than one the mount has seen is refused.
 
@@ -25,6 +28,7 @@ This module is FUSE-free so the daemon can import it.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 MAX_MESSAGE = 64 * 1024
@@ -64,8 +68,12 @@ def validate_request(msg: dict[str, Any]) -> None:
         raise ProtocolError(f"unknown op {op!r}")
     if op == "set_role" and msg.get("role") not in ROLES:
         raise ProtocolError(f"unknown role {msg.get('role')!r}")
-    if op == "lease" and ("token" not in msg or "lease" not in msg):
-        raise ProtocolError("lease needs token and lease")
+    if op == "lease" and ("token" not in msg or ("lease" in msg) == ("until" in msg)):
+        raise ProtocolError("lease needs token and one of until or lease")
+    until = msg.get("until")
+    if until is not None and (not isinstance(until, (int, float)) or isinstance(until, bool)
+                              or not 0 < until < 2**53):
+        raise ProtocolError("until must be a time on the monotonic clock")
     token, lease = msg.get("token"), msg.get("lease")
     if token is not None and (not isinstance(token, int) or isinstance(token, bool)
                               or not 0 <= token < 2**63):
@@ -73,6 +81,15 @@ def validate_request(msg: dict[str, Any]) -> None:
     if lease is not None and (not isinstance(lease, (int, float)) or isinstance(lease, bool)
                               or not 0 < lease <= MAX_LEASE):
         raise ProtocolError(f"lease must be seconds in (0, {MAX_LEASE:.0f}]")
+
+
+def lease_end(msg: dict[str, Any]) -> float | None:
+    """The end of the lease a (validated) message offers, on the monotonic clock."""
+    if msg.get("until") is not None:
+        return float(msg["until"])
+    if msg.get("lease") is not None:
+        return time.monotonic() + float(msg["lease"])
+    return None
 
 
 class LineBuffer:

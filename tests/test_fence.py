@@ -89,6 +89,14 @@ def test_stale_tokens_are_refused(leased: PiccoloMount) -> None:
         assert newer["ok"] and newer["token"] == 7
         assert _write(m.mnt / "x") == 0
         assert m.request("stats")["token"] == 7
+        # A parent gives the lease's end on the shared monotonic clock: a delay in
+        # delivering it cannot lengthen it, and an end already past is refused.
+        until = time.monotonic() + 3.0
+        assert m.request("lease", token=7, until=until)["deadline"] >= until
+        assert m.request("set_role", role="follower")["ok"]
+        late = m.request("set_role", role="leader", token=8, until=time.monotonic() - 0.1)
+        assert not late["ok"] and "already run out" in late["error"]
+        assert _write(m.mnt / "y") == errno.EROFS
 
 
 def test_without_a_lease_nothing_changes(tmp_path: Path, passfile: Path) -> None:

@@ -26,7 +26,9 @@ from ctl.api.server import Request, Response
 from ctl.bootstrap.assets import MAX_PEM, Assets
 from ctl.bootstrap.tpm import BootstrapTpm
 from ctl.controller import Controller
+from ctl.errors import Unauthorized
 from ctl.events import EventBus
+from ctl.paths import BOOTSTRAP
 from ctl.store.repos import REMOTE_SCHEMA
 
 PIN: Schema = {"type": "string", "minLength": 4, "maxLength": MAX_SECRET}
@@ -79,11 +81,23 @@ def bootstrap_routes(ctl: Controller, tpm: BootstrapTpm, assets: Assets,
         return Response(200, {"message": "ok"})
 
     async def tpm_unseal(req: Request) -> Response:
-        """With a PIN enrolment: the PIN mounts bootstrap while locked."""
-        ctl.keys.backoff.admit(req.peer.client)
-        mounted = await tpm.bring_up(req.json()["pin"].encode())
-        if mounted:
-            ctl.keys.backoff.success(req.peer.client)
+        """With a PIN enrolment: the PIN mounts bootstrap while locked. The PIN draws on
+        the same attempt budget as every other secret; only a PIN that really opened the
+        sealed key clears it."""
+        client = req.peer.client
+        ctl.keys.backoff.admit(client)
+        already = tpm.volumes.mounted(BOOTSTRAP)
+        try:
+            mounted = await tpm.bring_up(req.json()["pin"].encode())
+        except Unauthorized:
+            raise  # a wrong PIN: the attempt stays charged
+        except BaseException:
+            ctl.keys.backoff.refund(client)
+            raise
+        if mounted and not already and tpm.came_up == "tpm":
+            ctl.keys.backoff.success(client)
+        else:
+            ctl.keys.backoff.refund(client)  # nothing was checked
         return Response(200, {"mounted": mounted, **(await tpm.status())})
 
     async def remote_get(req: Request) -> Response:

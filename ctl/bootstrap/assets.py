@@ -22,18 +22,20 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from cryptography import x509
 
 from ctl.bootstrap import pem
-from ctl.errors import CtlError, InvalidInput, Locked, NotFound
+from ctl.errors import CtlError, Failed, InvalidInput, Locked, NotFound
 from ctl.events import EventBus
 from ctl.paths import BOOTSTRAP, Paths
 from ctl.store.repos import RemoteRepo
 from ctl.store.store import ControlStore
+from ctl.volumes import mountinfo
 from ctl.volumes.manager import VolumeManager
 from piccolofs.atomic import write_atomic
 
@@ -42,6 +44,8 @@ log = logging.getLogger("ctl.bootstrap")
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 MAX_PEM = pem.MAX_PEM
 MAX_JSON = 256 * 1024
+IO_TIMEOUT = 10.0
+T = TypeVar("T")
 
 
 def _key(text: Any, what: str) -> bytes:
@@ -74,8 +78,20 @@ class Assets:
     def _store_open(self) -> bool:
         return not self.store.locked and not self.store.read_only and self.store.is_open
 
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        """File work on the bootstrap mount, in a thread, bounded: a mount process that
+        stopped answering must not hold the caller (or the assets' lock) for ever."""
+        try:
+            with trio.fail_after(IO_TIMEOUT):
+                return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise Failed("the bootstrap volume does not answer") from None
+
+    def _write(self, path: Path, data: bytes) -> None:
+        # Checked again right before writing, through mountinfo only: never onto the bare
+        # mountpoint, whatever happened since the request was admitted.
+        if not mountinfo.is_mounted(self.paths.mount(BOOTSTRAP)):
+            raise Locked("the bootstrap volume is not mounted")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(path, data, 0o600)
 
@@ -105,11 +121,11 @@ class Assets:
         async with self._lock:
             root = self._require_mounted()
             try:
-                config = await trio.to_thread.run_sync(self._file_config)
+                config = await self._io(self._file_config)
             except CorruptAsset as exc:
                 log.warning("bootstrap remote/config.json is corrupt (%s); replacing it", exc)
                 config = None
-                await trio.to_thread.run_sync(_unlink, root / "config.json")
+                await self._io(_unlink, root / "config.json")
             if config is not None:
                 return config
             if self.store.locked or not self.store.is_open:
@@ -118,7 +134,7 @@ class Assets:
                 config = await self.remote.get()
             except NotFound:
                 return {}
-            await trio.to_thread.run_sync(self._write_config, config)
+            await self._io(self._write_config, config)
             return config
 
     def _write_config(self, config: dict[str, Any]) -> None:
@@ -133,7 +149,7 @@ class Assets:
             stored = self._store_open()
             if stored:
                 await self.remote.save(clean)  # store first: refused there, no file either
-            await trio.to_thread.run_sync(self._write_config, clean)
+            await self._io(self._write_config, clean)
             return stored
 
     async def sync(self) -> None:
@@ -143,7 +159,7 @@ class Assets:
             return
         async with self._lock:
             try:
-                config = await trio.to_thread.run_sync(self._file_config)
+                config = await self._io(self._file_config)
             except CorruptAsset:
                 config = None
             try:
@@ -154,12 +170,12 @@ class Assets:
                 await self.remote.save(config)
                 log.info("remote configuration saved while locked is now in the store")
             elif config is None and stored is not None:
-                await trio.to_thread.run_sync(self._write_config, stored)
+                await self._io(self._write_config, stored)
 
     # -- ACME account --------------------------------------------------------------------
     async def acme_get(self) -> dict[str, Any]:
         root = self._require_mounted() / "acme"
-        key, account = await trio.to_thread.run_sync(
+        key, account = await self._io(
             lambda: (self._read(root / "account.key", MAX_PEM),
                      self._read(root / "account.json", MAX_JSON)))
         if key is None and account is None:
@@ -179,8 +195,8 @@ class Assets:
             raise InvalidInput(f"account must be at most {MAX_JSON} bytes as JSON")
         root = self._require_mounted() / "acme"
         async with self._lock:
-            await trio.to_thread.run_sync(self._write, root / "account.key", data)
-            await trio.to_thread.run_sync(self._write, root / "account.json", record)
+            await self._io(self._write, root / "account.key", data)
+            await self._io(self._write, root / "account.json", record)
 
     # -- TLS material --------------------------------------------------------------------
     def _certs_dir(self) -> Path:
@@ -189,14 +205,14 @@ class Assets:
     async def certs_list(self) -> list[str]:
         d = self._certs_dir()
         try:
-            names = await trio.to_thread.run_sync(os.listdir, d)
+            names = await self._io(os.listdir, d)
         except FileNotFoundError:
             return []
         return sorted({n.rsplit(".", 1)[0] for n in names
                        if n.endswith((".crt", ".key", ".pem")) and NAME.fullmatch(n[:-4])})
 
     async def cert_get(self, name: str) -> dict[str, Any]:
-        return await trio.to_thread.run_sync(self._cert, self._certs_dir(), name)
+        return await self._io(self._cert, self._certs_dir(), name)
 
     def _cert(self, d: Path, name: str) -> dict[str, Any]:
         crt = self._read(d / f"{name}.crt", MAX_PEM) or self._read(d / f"{name}.pem", MAX_PEM)
@@ -227,15 +243,15 @@ class Assets:
             raise InvalidInput("the key does not belong to the certificate")
         d = self._certs_dir()
         async with self._lock:
-            await trio.to_thread.run_sync(self._write, d / f"{name}.key", key_data)
-            await trio.to_thread.run_sync(self._write, d / f"{name}.crt", chain[0])
+            await self._io(self._write, d / f"{name}.key", key_data)
+            await self._io(self._write, d / f"{name}.crt", chain[0])
 
     async def cert_delete(self, name: str) -> None:
         d = self._certs_dir()
         found = False
         async with self._lock:
             for ext in (".crt", ".key", ".pem"):
-                found |= await trio.to_thread.run_sync(_unlink, d / f"{name}{ext}")
+                found |= await self._io(_unlink, d / f"{name}{ext}")
         if not found:
             raise NotFound(f"no certificate {name!r}")
 

@@ -13,6 +13,7 @@ writing by its own clock before another node can be granted the volume.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ LOCAL = ("bootstrap", "control")  # each node's own volumes
 
 
 class EtcdRegistry:
+    fenced = True
+
     def __init__(self, bus: EventBus, node_id: str, endpoints: Sequence[str],
                  ttl: float = 5.0) -> None:
         self.bus = bus
@@ -71,7 +74,7 @@ class EtcdRegistry:
             return None
         c = entry[0]
         assert c.token is not None and c.deadline is not None
-        return Fence(c.token, max(0.001, c.deadline - trio.current_time()))
+        return Fence(c.token, time.monotonic() + (c.deadline - trio.current_time()))
 
     def leader(self, resource: str) -> tuple[str | None, int | None]:
         if resource in LOCAL:

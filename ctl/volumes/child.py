@@ -75,7 +75,7 @@ class MountChild:
         if self.read_only:
             cmd.append("--ro")
         elif self.fence is not None:
-            cmd += ["--token", str(self.fence.token), "--lease", f"{self.fence.lease:.3f}"]
+            cmd += ["--token", str(self.fence.token), "--lease-until", repr(self.fence.until)]
         cmd += ["--", str(self.cipher), str(self.mountpoint)]
         try:
             self.proc = await trio.lowlevel.open_process(
@@ -225,8 +225,12 @@ class MountChild:
         event: trio.Event = trio.Event()
         box: list[dict[str, Any]] = []
         self._pending[rid] = (event, box)
-        async with self._send_lock:
-            await self._stream.send_all(protocol.encode({"op": op, "id": rid, **kw}))
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(protocol.encode({"op": op, "id": rid, **kw}))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._pending.pop(rid, None)
+            raise Failed(f"volume {self.volume_id}: mount process is not running") from None
         with trio.move_on_after(REQUEST_TIMEOUT):
             await event.wait()
         self._pending.pop(rid, None)
@@ -237,14 +241,14 @@ class MountChild:
         return box[0]
 
     async def set_role(self, role: str, fence: Fence | None = None) -> None:
-        extra = {"token": fence.token, "lease": fence.lease} if fence is not None else {}
+        extra = {"token": fence.token, "until": fence.until} if fence is not None else {}
         await self.request("set_role", role=role, **extra)
         self.read_only = role == protocol.ROLE_FOLLOWER
         self.fence = fence if role == protocol.ROLE_LEADER else None
 
     async def extend_lease(self, fence: Fence) -> None:
         """Renew the write lease of the current term (refused after it ran out)."""
-        await self.request("lease", token=fence.token, lease=fence.lease)
+        await self.request("lease", token=fence.token, until=fence.until)
         self.fence = fence
 
     async def unmount(self, lazy: bool) -> None:

@@ -332,9 +332,16 @@ class VolumeManager:
         problem = self._problem(vol)
         if problem is not None:
             await self._lost(vol, problem)
-        if vol.id not in CORE and meta.cluster_mode == "stateful":
+        if vol.id not in CORE and meta.cluster_mode == "stateful" and not self.keys.locked:
             self.registry.track(vol.id)  # serving it (even detached as a follower): a candidate
-        vol.fence = self.registry.fence(vol.id) if role == roles.LEADER else None
+        vol.fence = None
+        if role == roles.LEADER:
+            # Checked again under the volume's lock: the term may have ended while we
+            # waited for it, and a leader's mount in a cluster never runs unfenced.
+            vol.fence = self.registry.fence(vol.id)
+            if not self.registry.may_lead(vol.id) or \
+                    (self.registry.fenced and vol.id not in CORE and vol.fence is None):
+                raise NotLeader(f"leadership not granted for volume {vol.id}")
         if vol.child is not None:
             child_token = vol.child.fence.token if vol.child.fence else None
             if vol.child.read_only != (role == roles.FOLLOWER) or \
@@ -416,8 +423,9 @@ class VolumeManager:
         mount refuses (its lease already ran out, or another term)."""
         vol = self._vols.get(volume_id)
         child = vol.child if vol is not None else None
+        fence = self.registry.fence(volume_id) or fence  # the term as it stands right now
         if vol is None or child is None or child.read_only or vol.fence is None \
-                or vol.fence.token != fence.token:
+                or vol.fence.token != fence.token or not self.registry.may_lead(volume_id):
             return False
         try:
             await child.extend_lease(fence)
@@ -592,8 +600,11 @@ class VolumeManager:
         async for event in sub:
             resource, role = event.data.get("resource"), event.data.get("role")
             vol = self._vols.get(resource) if isinstance(resource, str) else None
-            if vol is None or vol.record.desired_state != "mounted" or vol.intent_lost:
-                continue
+            if vol is None or vol.record.desired_state != "mounted" or vol.intent_lost \
+                    or self.keys.locked:
+                continue  # a locked node serves nothing: there is nothing to flip
+            if role == roles.FOLLOWER and vol.child is None:
+                continue  # not mounted (detached, being locked): nothing to demote
             try:
                 if role == roles.FOLLOWER:
                     meta = self._meta(vol)

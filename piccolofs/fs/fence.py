@@ -43,27 +43,31 @@ class Fence:
         if token is not None:
             self.token = token
 
-    def set_role(self, leader: bool, token: int | None = None, lease: float | None = None
+    def set_role(self, leader: bool, token: int | None = None, until: float | None = None
                  ) -> None:
+        """`until`: the lease's end on the machine's monotonic clock (which every process
+        shares), so that no delay in passing it on can lengthen it; None: no lease."""
         if leader:
+            if until is not None and time.monotonic() >= until:
+                raise Refused("the lease offered has already run out")
             self._take(token)
-            self.ops.lease_until = time.monotonic() + lease if lease else None
+            self.ops.lease_until = until
             self.ops.set_read_only(False)
         else:
             self.ops.set_read_only(True)
             self.ops.lease_until = None
         self._changed.set()
 
-    def extend(self, token: int, lease: float) -> float:
-        """Renew the lease of the current term; returns the new deadline (time.monotonic)."""
-        if self.ops.read_only or self.ops.lease_until is None:
+    def extend(self, token: int, until: float) -> float:
+        """Renew the lease of the current term to `until` (time.monotonic); returns it."""
+        now = time.monotonic()
+        if self.ops.read_only or self.ops.lease_until is None or now >= self.ops.lease_until:
             raise Refused("not a leased leader: the lease has run out, or was never granted")
         if token != self.token:
             raise Refused(f"token {token} is not this term's ({self.token})")
-        until = time.monotonic() + lease
         self.ops.lease_until = until
         self._changed.set()
-        return until
+        return self.ops.lease_until
 
     def remaining(self) -> float | None:
         until = self.ops.lease_until
