@@ -10,7 +10,6 @@ they were.
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,10 +20,6 @@ import pytest
 import requests
 import schemathesis
 import urllib3
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -35,6 +30,7 @@ from ctl.api.routes import MAX_SECRET
 from ctl.cli import ApiError
 from ctl.keys import recovery
 from ctl.roles import MAX_RESOURCES
+from tests.certs import key_and_cert
 from tests.daemon import PASSWORD, Daemon
 
 BASE_URL = "http://piccolo-ctld"  # the host is never resolved: every request goes to the socket
@@ -60,20 +56,8 @@ schemathesis.openapi.format("recovery-key", st.builds(
     st.booleans(), st.booleans()))
 
 
-def _key_and_chain() -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "portal.example")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
-            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
-    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()).decode(),
-            cert.public_bytes(serialization.Encoding.PEM).decode())
-
-
 # The PEM formats: one key and a certificate of it, so that a generated pair belongs together.
-_KEY, _CHAIN = _key_and_chain()
+_KEY, _CHAIN = key_and_cert()
 schemathesis.openapi.format("pem-private-key", st.just(_KEY))
 schemathesis.openapi.format("pem-certificate-chain", st.just(_CHAIN))
 

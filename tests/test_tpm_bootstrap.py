@@ -4,18 +4,14 @@ real daemon through its socket and its CLI."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.certs import key_and_cert
 from tests.daemon import PASSWORD, Daemon
 from tests.mounts import is_mounted
 from tests.swtpm import Swtpm
@@ -24,19 +20,6 @@ pytestmark = pytest.mark.timeout(300)
 
 REMOTE = {"endpoint": "https://relay.example", "portal_hostname": "portal.home.example",
           "enabled": True, "dns_credentials": {"token": "marker-7f3a9c-secret"}}
-
-
-def _key_and_cert(cn: str = "portal.home.example") -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=90))
-            .sign(key, hashes.SHA256()))
-    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()).decode(),
-            cert.public_bytes(serialization.Encoding.PEM).decode())
 
 
 @pytest.fixture
@@ -68,7 +51,7 @@ def test_bootstrap_mounts_before_the_password(tmp_path: Path, tpm: Swtpm) -> Non
     d = _daemon(tmp_path, tpm.tcti).start()
     try:
         d.setup_and_unlock()
-        key, cert = _key_and_cert()
+        key, cert = key_and_cert()
         d.call("PUT", "/bootstrap/remote", REMOTE)
         d.call("PUT", "/bootstrap/acme", {"key": key, "account": {"uri": "acct/1"}})
         d.call("PUT", "/bootstrap/certs/portal", {"cert": cert, "key": key})
@@ -236,8 +219,8 @@ def test_remote_config_mirror_rules(tmp_path: Path, tpm: Swtpm) -> None:
         # Bad input changes nothing.
         bad = d.error("PUT", "/bootstrap/remote", {"enabled": "yes"})
         assert bad.status == 422
-        _, cert = _key_and_cert()
-        other_key, _ = _key_and_cert()
+        _, cert = key_and_cert()
+        other_key, _ = key_and_cert()
         err = d.error("PUT", "/bootstrap/certs/portal", {"cert": cert, "key": other_key})
         assert err.status == 422 and "belong" in str(err)
         assert d.error("GET", "/bootstrap/certs/portal").status == 404

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from ctl.bootstrap import pem
 from ctl.errors import CtlError, Failed, InvalidInput, Locked, NotFound
@@ -37,7 +38,7 @@ from ctl.store.repos import RemoteRepo
 from ctl.store.store import ControlStore
 from ctl.volumes import mountinfo
 from ctl.volumes.manager import VolumeManager
-from piccolofs.atomic import write_atomic
+from piccolofs.atomic import fsync_dir, write_atomic
 
 log = logging.getLogger("ctl.bootstrap")
 
@@ -48,11 +49,11 @@ IO_TIMEOUT = 10.0
 T = TypeVar("T")
 
 
-def _key(text: Any, what: str) -> bytes:
+def _key(text: Any, what: str) -> tuple[bytes, PrivateKeyTypes]:
     got = pem.load_private_key(text) if isinstance(text, str) else "must be PEM text"
     if isinstance(got, str):
         raise InvalidInput(f"{what}: {got}")
-    return got[0]
+    return got
 
 
 class Assets:
@@ -187,7 +188,7 @@ class Assets:
         return {"key": key.decode() if key else None, "account": record}
 
     async def acme_put(self, key: Any, account: Any) -> None:
-        data = _key(key, "key")
+        data, _ = _key(key, "key")
         if not isinstance(account, dict):
             raise InvalidInput("account must be a JSON object")
         record = (json.dumps(account, indent=2, sort_keys=True) + "\n").encode()
@@ -236,10 +237,8 @@ class Assets:
             "must be PEM text"
         if isinstance(chain, str):
             raise InvalidInput(f"cert: {chain}")
-        key_data = _key(key, "key")
-        got = pem.load_private_key(key)
-        assert not isinstance(got, str)
-        if pem.public_der(got[1]) != pem.public_der(chain[1][0]):
+        key_data, private = _key(key, "key")
+        if pem.public_der(private) != pem.public_der(chain[1][0]):
             raise InvalidInput("the key does not belong to the certificate")
         d = self._certs_dir()
         async with self._lock:
@@ -265,9 +264,5 @@ def _unlink(path: Path) -> bool:
         path.unlink()
     except FileNotFoundError:
         return False
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
     return True

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from ctl.events import utc_now
 from ctl.store.checksum import Snapshot
 from ctl.store.schema import migrate
+from piccolofs.atomic import fsync_dir
 
 BUSY_TIMEOUT_MS = 5000
 T = TypeVar("T")
@@ -159,14 +160,6 @@ class ControlDB:
                 self._db = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _vacuum_into(path: Path, fresh: Path) -> None:
     src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -272,5 +265,5 @@ def repair(path: Path) -> str:
         if side.exists():
             os.rename(side, aside.with_name(aside.name + suffix))
     os.rename(fresh, path)  # atomic swap
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return f"rebuilt with {method}; damaged original kept as {aside.name}"

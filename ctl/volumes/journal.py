@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ctl.events import utc_now
-from piccolofs.atomic import write_atomic
+from piccolofs.atomic import fsync_dir, write_atomic
 
 STATES = ("mounted", "unmounted", "pending", "error")
 MAX_SIZE = 64 * 1024
@@ -123,7 +123,7 @@ def set_aside(path: Path) -> Path:
     operator can look at it and a fresh journal can be written."""
     aside = path.with_name(f"{path.name}.corrupt-{utc_now().replace(':', '')}")
     os.rename(path, aside)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return aside
 
 
@@ -135,12 +135,5 @@ def kept_aside(path: Path) -> list[Path]:
 def write(path: Path, record: JournalRecord) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_atomic(path, (json.dumps(record.to_json(), indent=2) + "\n").encode(), 0o600)
-    _fsync_dir(path.parent.parent)
+    fsync_dir(path.parent.parent)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

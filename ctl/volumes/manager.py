@@ -53,7 +53,7 @@ from ctl.volumes.metadata import (
     VolumeMeta,
     new_passphrase,
 )
-from piccolofs.atomic import write_atomic
+from piccolofs.atomic import fsync_dir, write_atomic
 from piccolofs.backing.tree import CipherDirError, conf_path, init_tree, load_config
 from piccolofs.format.config import InitOptions
 from piccolofs.format.errors import FormatError
@@ -85,13 +85,6 @@ class Volume:
 def _message(exc: BaseException) -> str:
     return exc.message if isinstance(exc, CtlError) else str(exc) or type(exc).__name__
 
-
-def _fsync_dir(path: os.PathLike[str] | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class VolumeManager:
@@ -284,9 +277,9 @@ class VolumeManager:
             meta = VolumeMeta.seal(sdek, passphrase, volume_class, cluster_mode,
                                    follower_policy)
             write_atomic(staging / "piccolo.volume.json", meta.to_json(), 0o600)
-            _fsync_dir(staging)
+            fsync_dir(staging)
             os.rename(staging, self.paths.cipher(volume_id))
-            _fsync_dir(parent)
+            fsync_dir(parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
