@@ -3,7 +3,9 @@
 Secrets come from a prompt, `--password-file F`, or stdin — never from argv. Output is for
 people by default and JSON with `--json`. Exit codes tell scripts what happened:
 0 ok, 1 failed, 2 usage or invalid input, 3 locked, 4 not found, 5 refused (wrong secret,
-conflict, not leader, busy, too many attempts), 6 daemon unreachable.
+conflict, not leader, busy, too many attempts), 6 daemon unreachable; a bundle refused by
+an import: 7 malformed or unsafe, 8 damaged (a checksum differs), 9 of an unsupported
+format or version, 10 not authentic (its manifest fails the HMAC), 11 no space to stage it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ from typing import Any
 from ctl.paths import Paths
 
 OK, FAILED, USAGE, LOCKED, NOT_FOUND, REFUSED, UNREACHABLE = range(7)
+BAD_BUNDLE, DAMAGED_BUNDLE, UNSUPPORTED_BUNDLE, FORGED_BUNDLE, NO_SPACE = range(7, 12)
+_BUNDLE_EXIT = {"bundle_bad_checksum": DAMAGED_BUNDLE, "bundle_size_mismatch": DAMAGED_BUNDLE,
+                "bundle_future_version": UNSUPPORTED_BUNDLE,
+                "bundle_not_a_bundle": UNSUPPORTED_BUNDLE,
+                "bundle_hmac_mismatch": FORGED_BUNDLE, "bundle_bad_volume": FORGED_BUNDLE,
+                "bundle_no_space": NO_SPACE}
+PROGRESS_POLL = 0.25
 _STATUS_EXIT = {400: USAGE, 422: USAGE, 431: USAGE, 401: REFUSED, 403: REFUSED,
                 404: NOT_FOUND, 405: USAGE, 409: REFUSED, 423: LOCKED, 429: REFUSED,
                 503: REFUSED}
@@ -170,6 +179,22 @@ class Client:
             conn.close()
 
 
+    def download(self, path: str, out: Any) -> int:
+        """Copy a binary body (a bundle) to `out`; returns the bytes written."""
+        conn, resp = self._request("GET", path, None, timeout=None)
+        try:
+            if resp.status >= 300:
+                data = resp.read()
+                raise ApiError(resp.status, json.loads(data) if data.strip() else {})
+            total = 0
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                total += len(chunk)
+            return total
+        finally:
+            conn.close()
+
+
 # ---------------------------------------------------------------------------------------
 # secrets
 # ---------------------------------------------------------------------------------------
@@ -235,8 +260,11 @@ def cmd_status(c: Client, args: argparse.Namespace) -> int:
                                                             else "unlocked")
     boot = {"tpm": "mounted from the TPM", "unlock": "mounted at unlock"}.get(
         s.get("bootstrap") or "", "not mounted")
+    pending = s.get("import")
+    note = (f"; import {pending['id']} {pending['phase']}: unlock with the bundle's secret"
+            if pending else "")
     _print(args, s, f"{state}; recovery key {'present' if rk['present'] else 'absent'}; "
-           f"bootstrap {boot}")
+           f"bootstrap {boot}{note}")
     return OK
 
 
@@ -439,6 +467,98 @@ def cmd_tpm(c: Client, args: argparse.Namespace) -> int:
     return OK
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _follow_job(c: Client, args: argparse.Namespace, path: str) -> dict[str, Any]:
+    """Wait for a job, drawing a progress bar on a terminal (bytes, files, rate, ETA)."""
+    bar = sys.stderr.isatty() and not args.json
+    while True:
+        job: dict[str, Any] = c.call("GET", path)
+        p = job["progress"]
+        if bar:
+            total = p.get("total_bytes") or 0
+            frac = min(p["bytes"] / total, 1.0) if total else 0.0
+            eta = f" ETA {p['eta_s']:.0f}s" if p.get("eta_s") is not None else ""
+            print(f"\r{p['phase'][:20]:<20} [{'#' * int(frac * 30):<30}] {frac:4.0%} "
+                  f"{_size(p['bytes'])}/{_size(total)} {p['files']} files "
+                  f"{_size(p['rate_bytes_per_s'])}/s{eta}   ", end="", file=sys.stderr)
+        if job["state"] != "running":
+            if bar:
+                print(file=sys.stderr)
+            return job
+        time.sleep(PROGRESS_POLL)
+
+
+def _job_failed(args: argparse.Namespace, job: dict[str, Any]) -> int:
+    err = job.get("error") or {}
+    if args.json:
+        print(json.dumps(job, indent=2, sort_keys=True))
+    code = str(err.get("code", ""))
+    exit_code = _BUNDLE_EXIT.get(code, BAD_BUNDLE if code.startswith("bundle_") else FAILED)
+    return _die(exit_code, f"{err.get('message', 'failed')} ({code})")
+
+
+def cmd_export(c: Client, args: argparse.Namespace) -> int:
+    if args.kind == "list":
+        data = c.call("GET", "/exports")
+        lines = [f"{e.get('finished_at', '?'):<28} {e.get('kind', '?'):<8} "
+                 f"{_size(e.get('size') or 0):>10}  rev {e.get('store_revision')}  "
+                 f"{e.get('sha256', '')[:16]}  {e.get('path')}" for e in data["exports"]]
+        _print(args, data, "\n".join(lines) or "no exports yet")
+        return OK
+    to_stdout = args.output == "-"
+    body: dict[str, Any] = {"kind": args.kind}
+    if args.volume:
+        body["volumes"] = args.volume
+    if args.output and not to_stdout:
+        body["output"] = os.path.abspath(args.output)
+    job = c.call("POST", "/exports", body)
+    job = _follow_job(c, args, f"/exports/{job['id']}")
+    if job["state"] != "done":
+        return _job_failed(args, job)
+    if to_stdout:
+        c.download(f"/exports/{job['id']}/bundle", sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return OK
+    r = job["result"]
+    held = ", ".join(f"{v} {ms} ms" for v, ms in sorted(r.get("hold_ms", {}).items()) if ms)
+    _print(args, job, f"exported {r['path']} ({_size(r['size'])}, sha256 {r['sha256']})"
+           + (f"; writes held: {held}" if held else ""))
+    return OK
+
+
+def cmd_import(c: Client, args: argparse.Namespace) -> int:
+    if args.target == "status" and not os.path.exists(args.target):
+        data = c.call("GET", "/imports")
+        pending = data.get("pending")
+        human = ("no import pending" if not pending else
+                 f"import {pending['id']} {pending['phase']}: {pending.get('kind')} bundle of "
+                 f"{', '.join(pending.get('volumes') or [])}; unlock with its password or "
+                 "recovery key, or `piccoloctl import abort`")
+        _print(args, data, human)
+        return OK
+    if args.target == "abort" and not os.path.exists(args.target):
+        _print(args, c.call("POST", "/imports/abort"), "import aborted; the previous state stays")
+        return OK
+    body: dict[str, Any] = {"path": os.path.abspath(args.target), "force": args.force}
+    if args.keyset:
+        body["keyset"] = os.path.abspath(args.keyset)
+    job = c.call("POST", "/imports", body)
+    job = _follow_job(c, args, f"/imports/{job['id']}")
+    if job["state"] != "done":
+        return _job_failed(args, job)
+    _print(args, job, f"imported, locked ({job['result'].get('kind')} bundle of "
+           f"{', '.join(job['result'].get('volumes') or [])}): run `piccoloctl unlock` with "
+           "the bundle's password or recovery key")
+    return OK
+
+
 def _read_file(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -563,6 +683,20 @@ def _parser() -> argparse.ArgumentParser:
     ce.add_argument("name", nargs="?")
     ce.add_argument("--cert", help="PEM certificate chain file (set)")
     ce.add_argument("--key", help="PEM private key file (set)")
+    ex = sub.add_parser("export", help="back the device up into a bundle, or list backups")
+    ex.add_argument("kind", choices=["control", "full", "list"])
+    ex.add_argument("--volume", action="append", metavar="ID",
+                    help="only this application volume (full; repeatable)")
+    ex.add_argument("--output", metavar="FILE|-",
+                    help="where to write the bundle (default: exports/<kind>/ in the state "
+                         "dir; - for stdout)")
+    im = sub.add_parser("import", help="stage a bundle (then unlock with its secret), or "
+                                       "`import status` / `import abort`")
+    im.add_argument("target", metavar="FILE|status|abort")
+    im.add_argument("--keyset", metavar="FILE",
+                    help="the keyset of an envelope from the older daemon (it has none)")
+    im.add_argument("--force", action="store_true",
+                    help="replace this device's state (kept aside until the import unlocks)")
     cl = sub.add_parser("cluster", help="cluster leadership (etcd)")
     cl.add_argument("action", choices=["status"])
     ld = sub.add_parser("leadership")
@@ -575,7 +709,8 @@ COMMANDS = {"status": cmd_status, "setup": cmd_setup, "unlock": cmd_unlock,
             "lock": cmd_lock, "reset-password": cmd_reset_password, "passwd": cmd_passwd,
             "recovery-key": cmd_recovery_key, "volume": cmd_volume, "events": cmd_events,
             "health": cmd_health, "store": cmd_store, "leadership": cmd_leadership,
-            "tpm": cmd_tpm, "bootstrap": cmd_bootstrap, "cluster": cmd_cluster}
+            "tpm": cmd_tpm, "bootstrap": cmd_bootstrap, "cluster": cmd_cluster,
+            "export": cmd_export, "import": cmd_import}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -587,7 +722,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ApiError as exc:
         if args.json:
             print(json.dumps(exc.body, sort_keys=True))
-        return _die(_STATUS_EXIT.get(exc.status, FAILED), f"{exc} ({exc.code or exc.status})")
+        exit_code = _BUNDLE_EXIT.get(exc.code) or (
+            BAD_BUNDLE if exc.code.startswith("bundle_") else _STATUS_EXIT.get(exc.status, FAILED))
+        return _die(exit_code, f"{exc} ({exc.code or exc.status})")
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         return _die(UNREACHABLE, f"cannot reach the daemon at {sock}: {exc.strerror}")
     except OSError as exc:

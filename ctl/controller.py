@@ -9,6 +9,11 @@
 A failure while bringing up the core volumes rolls back what this attempt mounted, forgets
 the SDEK and reports one error: there is no half-unlocked state. Application volumes that
 fail to come back are journaled (needs_repair) without failing the unlock.
+
+With an import pending (ctl.bundles.imports), unlock opens the *imported* keyset, verifies
+the bundle under it, takes the live state down, swaps the imported one in and brings it up;
+if it does not come up the previous state is swapped back. The rebuild hooks then run and
+their outcome goes into `import_result`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import trio
 from ctl import roles
 from ctl.bootstrap.assets import Assets
 from ctl.bootstrap.tpm import BootstrapTpm
-from ctl.errors import CtlError, Failed, Locked, NotInitialized
+from ctl.bundles.imports import BundleRejected, Importer
+from ctl.bundles.jobs import crash_point
+from ctl.errors import CtlError, Failed, Locked, NotFound, NotInitialized
 from ctl.events import EventBus
 from ctl.keys.manager import KeyManager
 from ctl.paths import BOOTSTRAP, CONTROL
@@ -30,13 +37,18 @@ from ctl.volumes.manager import VolumeManager
 
 log = logging.getLogger("ctl.controller")
 
+
+def _message(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, CtlError) else str(exc) or type(exc).__name__
+
 CORE = {BOOTSTRAP: "bootstrap", CONTROL: "control"}
 
 
 class Controller:
     def __init__(self, keys: KeyManager, volumes: VolumeManager, bus: EventBus,
                  registry: roles.LeadershipRegistry, store: ControlStore,
-                 tpm: BootstrapTpm | None = None, assets: Assets | None = None) -> None:
+                 tpm: BootstrapTpm | None = None, assets: Assets | None = None,
+                 importer: Importer | None = None) -> None:
         self.keys = keys
         self.volumes = volumes
         self.store = store
@@ -44,14 +56,18 @@ class Controller:
         self.assets = assets
         self.bus = bus
         self.registry = registry
+        self.importer = importer
         self._transition = trio.Lock()
+        if importer is not None:
+            importer.on_staged.append(self._import_staged)
 
     def status(self) -> dict[str, Any]:
         """Key state, and how the bootstrap volume came up ("tpm", "unlock" or None)."""
         came_up = self.tpm.came_up if self.tpm else None
         if not self.volumes.mounted(BOOTSTRAP):
             came_up = None
-        return {**self.keys.status(), "bootstrap": came_up}
+        pending = self.importer.status() if self.importer else None
+        return {**self.keys.status(), "bootstrap": came_up, "import": pending}
 
     def require_unlocked(self) -> None:
         if not self.keys.initialized:
@@ -70,6 +86,13 @@ class Controller:
 
     async def unlock(self, *, password: bytes | None = None, recovery_key: str | None = None,
                      client: str) -> None:
+        pending = self.importer.pending() if self.importer else None
+        if pending is not None:
+            async with self._transition:
+                pending = await self._unlock_import(pending, password, recovery_key, client)
+            await self._after_unlock(client)
+            await self._finish_import(pending, client)
+            return
         async with self._transition:
             if not self.keys.initialized:
                 raise NotInitialized("not initialized: run setup first")
@@ -111,6 +134,149 @@ class Controller:
                 await self.assets.sync()
             except CtlError as exc:
                 log.warning("remote configuration not synchronised: %s", exc.message)
+
+    # -- imports ---------------------------------------------------------------------------
+    async def _import_staged(self, pending: dict[str, Any]) -> None:
+        """A bundle is staged over a device in use: its control store is read-only from
+        now until the imported state unlocks or the import is aborted."""
+        async with self._transition:
+            self.store.frozen = (f"import {pending['id']} is staged: unlock with the bundle's "
+                                 "password or recovery key, or abort the import")
+            if not self.keys.locked and self.volumes.is_attached(CONTROL):
+                try:
+                    await self.volumes.attach(CONTROL, roles.FOLLOWER)  # flips it live
+                except CtlError as exc:
+                    log.warning("import staged; control not turned read-only: %s", exc.message)
+
+    async def _unlock_import(self, pending: dict[str, Any], password: bytes | None,
+                             recovery_key: str | None, client: str) -> dict[str, Any]:
+        assert self.importer is not None
+        sdek = await self.importer.open_staged(pending, password, recovery_key, client)
+        adopted = False
+        try:
+            if pending["phase"] == "staged":
+                try:
+                    await self.importer.verify(pending, bytes(sdek))
+                except BundleRejected as exc:
+                    await self.importer.discard(pending, "failed", exc.message, client)
+                    await self._thaw()
+                    raise
+                await self._take_down()
+                pending = await self.importer.swap(pending)
+                crash_point("import.swapped")
+                self.volumes.reload()
+            self.keys.adopt(sdek)
+            adopted = True
+            attached: list[str] = []
+            try:
+                await self._bring_up_core(attached)
+                await self.store.open()
+            except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    await self.store.close()
+                    await self._roll_back(attached)
+                    self.keys.lock()
+                    await self.volumes.detach_all(lazy=True)
+                    await self.importer.unswap(pending)
+                    self.volumes.reload()
+                    self.bus.publish("import_result", {"id": pending["id"], "status": "failed",
+                                                       "reason": _message(exc)})
+                if isinstance(exc, CtlError):
+                    raise Failed(f"the imported state did not come up ({exc.message}); the "
+                                 "previous state is back in place, locked") from None
+                raise
+            await self.volumes.reconcile(only={v["id"] for v in self.volumes.list()} - set(CORE))
+            self.bus.publish("lock_state_changed", {"locked": False})
+            return pending
+        finally:
+            if not adopted:
+                sdek[:] = bytes(len(sdek))
+
+    async def _take_down(self) -> None:
+        """Everything of the live state goes: store, volumes (bootstrap too), the SDEK."""
+        with trio.CancelScope(shield=True):
+            self.store.frozen = None
+            await self.store.close()
+            await self.volumes.detach_all(lazy=True)
+            if not self.keys.locked:
+                self.keys.lock()
+                self.bus.publish("lock_state_changed", {"locked": True})
+
+    async def _thaw(self) -> None:
+        """The import is gone: the control store takes writes again."""
+        self.store.frozen = None
+        if (not self.keys.locked and self.volumes.is_attached(CONTROL)
+                and self.registry.may_lead(CONTROL)):
+            try:
+                await self.volumes.attach(CONTROL, roles.LEADER)
+            except CtlError as exc:
+                log.warning("control not turned writable again: %s", exc.message)
+
+    async def abort_import(self, client: str) -> dict[str, Any]:
+        if self.importer is None:
+            raise NotFound("no import pending")
+        async with self._transition:
+            pending = self.importer.pending()
+            if pending is None:
+                raise NotFound("no import pending")
+            if pending["phase"] != "staged":
+                await self.volumes.detach_all(lazy=True)
+            await self.importer.discard(pending, "aborted", "aborted by the operator", client)
+            if pending["phase"] != "staged":
+                self.volumes.reload()
+            await self._thaw()
+        return {"id": pending["id"], "status": "aborted"}
+
+    async def _finish_import(self, pending: dict[str, Any], client: str) -> None:
+        """The rebuild hooks, then the previous state is forgotten."""
+        assert self.importer is not None
+        crash_point("import.up")
+        hooks = [await self._hook_assets(), await self._hook_tpm(pending)]
+        for hook in hooks:
+            if hook["status"] == "failed":
+                log.warning("import rebuild hook %s failed: %s", hook["name"], hook["detail"])
+        await self.importer.finish(pending, hooks, client)
+
+    async def _hook_assets(self) -> dict[str, Any]:
+        """The pre-unlock assets, rewritten onto this device's bootstrap volume under its
+        rules (the remote config mirrored with the store, every asset re-read)."""
+        name = "assets"
+        if self.assets is None or not self.volumes.mounted(BOOTSTRAP):
+            return {"name": name, "status": "skipped", "detail": "bootstrap is not mounted"}
+        try:
+            await self.assets.sync()
+            certs = await self.assets.certs_list()
+            try:
+                await self.assets.acme_get()
+                acme = "present"
+            except NotFound:
+                acme = "absent"
+        except CtlError as exc:
+            return {"name": name, "status": "failed", "detail": exc.message}
+        return {"name": name, "status": "ok",
+                "detail": f"remote config mirrored; {len(certs)} certificate(s); ACME account "
+                          f"{acme}"}
+
+    async def _hook_tpm(self, pending: dict[str, Any]) -> dict[str, Any]:
+        """Seal the (imported) bootstrap key to this TPM, with the PCR selection of the
+        enrolment the replaced state had, else the one the bundle's source had."""
+        assert self.importer is not None
+        name = "tpm"
+        enrolment = self.importer.previous_tpm(pending) or pending.get("tpm")
+        if not enrolment:
+            return {"name": name, "status": "skipped", "detail": "no TPM enrolment to carry"}
+        if self.tpm is None:
+            return {"name": name, "status": "skipped", "detail": "no TPM configured"}
+        if enrolment.get("pin"):
+            return {"name": name, "status": "skipped",
+                    "detail": "the enrolment had a PIN: run `piccoloctl tpm enroll --pin`"}
+        pcrs = [int(p) for p in enrolment.get("pcrs") or [7]]
+        try:
+            await self.tpm.enroll(pcrs)
+        except CtlError as exc:
+            return {"name": name, "status": "failed", "detail": exc.message}
+        return {"name": name, "status": "ok",
+                "detail": f"bootstrap key sealed to this TPM (PCRs {pcrs})"}
 
     async def _bring_up_core(self, attached: list[str]) -> None:
         for vid, cls in CORE.items():

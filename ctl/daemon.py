@@ -22,11 +22,15 @@ from typing import Any
 import trio
 
 from ctl.api.bootstrap import bootstrap_routes
+from ctl.api.bundles import bundle_routes
 from ctl.api.cluster import cluster_routes
 from ctl.api.routes import Api
 from ctl.api.server import ApiServer
 from ctl.bootstrap.assets import Assets
 from ctl.bootstrap.tpm import BootstrapTpm
+from ctl.bundles.export import Exporter
+from ctl.bundles.imports import Importer
+from ctl.bundles.jobs import Jobs
 from ctl.cluster.registry import EtcdRegistry
 from ctl.controller import Controller
 from ctl.events import EventBus
@@ -80,7 +84,7 @@ def take_lock(paths: Paths) -> int:
 async def persist_audit(bus: EventBus, store: ControlStore) -> None:
     """Audit events become rows of the append-only audit table. Events that happen while
     the store cannot take them (locked, follower) wait in memory and are written at the
-    next unlock."""
+    next unlock; deferred ones wait for the next row that is not."""
     audit = AuditRepo(store)
     pending: collections.deque[dict[str, Any]] = collections.deque(maxlen=1024)
     async for event in bus.subscribe(["audit", "lock_state_changed"], capacity=1024):
@@ -89,9 +93,13 @@ async def persist_audit(bus: EventBus, store: ControlStore) -> None:
         elif event.topic == "gap":
             log.warning("%d audit events were dropped before they could be stored",
                         event.data.get("missed", 0))
+        # A deferred row (an export's: writing it at once would make the next export of
+        # an unchanged device differ) is stored with the next row that is not.
+        if all(item.get("deferred") for item in pending):
+            continue
         while pending and not store.locked and not store.read_only:
             item = pending[0]
-            data = {k: v for k, v in item.items() if k not in ("kind", "client")}
+            data = {k: v for k, v in item.items() if k not in ("kind", "client", "deferred")}
             try:
                 await audit.append(str(item.get("kind", "unknown")),
                                    str(item.get("client", "")), data)
@@ -108,13 +116,18 @@ async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval:
     if cluster is not None:
         registry = EtcdRegistry(bus, cluster.node_id, cluster.endpoints, cluster.lease_ttl)
     keys = KeyManager(paths, kdf)
+    jobs = Jobs(bus)
+    importer = Importer(paths, keys, bus, jobs)
+    importer.recover()  # before any journal is read: a half-done swap is rolled back
     volumes = VolumeManager(paths, keys, bus, registry, scrypt_log_n=scrypt_log_n)
     store = ControlStore(paths.control_db, bus, registry, check_interval=check_interval)
     tpm = BootstrapTpm(paths, keys, volumes, bus, tpm_tcti)
     assets = Assets(paths, volumes, store, bus)
-    controller = Controller(keys, volumes, bus, registry, store, tpm, assets)
+    controller = Controller(keys, volumes, bus, registry, store, tpm, assets, importer)
+    exporter = Exporter(paths, keys, volumes, store, bus, jobs, tpm.enrolment)
     api = Api(controller, volumes, bus, registry, store)
     api.add_routes(bootstrap_routes(controller, tpm, assets, bus))
+    api.add_routes(bundle_routes(controller, exporter, importer, jobs))
     api.add_routes(cluster_routes(registry))
     server = ApiServer(paths.socket, api.dispatch)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -123,6 +136,8 @@ async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval:
                 await nursery.start(registry.run)
             await nursery.start(volumes.run)
             await nursery.start(store.run)
+            await nursery.start(exporter.run)
+            await nursery.start(importer.run)
             nursery.start_soon(persist_audit, bus, store)
             await controller.start()
             await nursery.start(server.serve)

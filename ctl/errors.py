@@ -58,6 +58,10 @@ class AlreadyInitialized(Conflict):
     code = "already_initialized"
 
 
+class ImportPending(Conflict):
+    code = "import_pending"
+
+
 class Locked(CtlError):
     status, code = 423, "locked"
 

@@ -35,6 +35,7 @@ import trio
 from piccolofs import protocol
 from piccolofs.format.config import Config
 from piccolofs.format.volume import VolumeCrypto
+from piccolofs.fs.capture import CaptureError
 from piccolofs.fs.errors import Counters
 from piccolofs.fs.fence import Fence, Refused
 from piccolofs.fs.operations import PiccoloOperations
@@ -45,9 +46,11 @@ log = logging.getLogger("piccolofs.mount")
 READY_TIMEOUT = 30.0
 EXIT_DEADLINE = 10.0
 # Handlers finish without yielding (only fsync waits, in a thread), so a small fixed pool
-# of request readers suffices; keeping it warm avoids spawning a task per request.
+# of request readers suffices; keeping it warm avoids spawning a task per request. A
+# capture's hold parks one worker per waiting mutation, and reads need one left free: the
+# extra workers sleep unless a hold (or fsync) needs them.
 MIN_TASKS = 4
-MAX_TASKS = 16
+MAX_TASKS = 64
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Session:
         self._pending: list[dict[str, Any]] = []
         self._wake = trio.Event()
         self.fence = Fence(ops, self.report)
+        ops.capture.report = self.report
         if not opts.read_only and (opts.lease or opts.lease_until):
             try:
                 self.fence.set_role(True, opts.token, opts.lease_until
@@ -165,8 +169,36 @@ class Session:
             return {"ok": False, "error": str(exc)}
         if op == "stats":
             return {"ok": True, **self.stats()}
+        if op == "capture":
+            try:
+                return self._capture(msg)
+            except CaptureError as exc:
+                return {"ok": False, "error": str(exc)}
         self.terminate()
         return {"ok": True}
+
+    def _capture(self, msg: dict[str, Any]) -> dict[str, Any]:
+        capture = self.ops.capture
+        action = msg["action"]
+        if action == "begin":
+            capture.begin()
+            log.info("capture: recording changed paths")
+            return {"ok": True}
+        if action == "hold":
+            capture.hold(msg.get("max_s"))
+            log.info("capture: holding mutations (%d paths changed)", len(capture.paths))
+            return {"ok": True, "dirty_count": len(capture.paths),
+                    "overflow": capture.overflow}
+        if action == "dirty":
+            if not capture.recording:
+                raise CaptureError("no capture: begin first")
+            paths, after = protocol.dirty_page(capture.paths, msg["from"])
+            return {"ok": True, "paths": paths, "next": after, "overflow": capture.overflow}
+        held_ms = capture.release()
+        log.info("capture: released after %d ms (%d mutations waited)", held_ms,
+                 capture.waited)
+        return {"ok": True, "held_ms": held_ms, "waited": capture.waited,
+                "expired": capture.expired}
 
     async def _serve_ctl(self) -> None:
         assert self._ctl is not None
@@ -202,6 +234,7 @@ class Session:
         if not self.we_ended_it:
             faulthandler.dump_traceback_later(EXIT_DEADLINE, exit=True)
         self.we_ended_it = True
+        self.ops.capture.close()  # writers held would keep the session from ending
         self.ops.requests.stop()
         pyfuse3.terminate()
 
@@ -237,6 +270,7 @@ class Session:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
             nursery.start_soon(self.fence.run)
+            nursery.start_soon(self.ops.capture.run)
             if self._ctl is not None:
                 nursery.start_soon(self._serve_ctl)
                 nursery.start_soon(self._pump_events)

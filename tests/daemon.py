@@ -75,10 +75,12 @@ class Daemon:
             return exc
         raise AssertionError(f"{method} {path} succeeded")
 
+    def ctl_argv(self) -> list[str]:
+        return [sys.executable, "-m", "ctl.cli", "--socket", str(self.socket)]
+
     def ctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ctl.cli", "--socket", str(self.socket),
-                               *args], capture_output=True, text=True, input=input,
-                              timeout=120)
+        return subprocess.run([*self.ctl_argv(), *args], capture_output=True, text=True,
+                              input=input, timeout=300)
 
     def setup_and_unlock(self) -> None:
         self.call("POST", "/crypto/setup", {"password": PASSWORD})

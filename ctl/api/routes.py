@@ -208,6 +208,7 @@ class Route:
     mutates: bool = False
     query: dict[str, Schema] = field(default_factory=dict)
     stream: bool = False
+    media: str | None = None  # a streamed body of another type (a bundle download)
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -402,6 +403,7 @@ class Api:
         v = f"{API}/volumes/{{id}}"
         role_body = _body(["role"], role=_enum(ROLES))
         secret_errors = (401, 409, 429)
+        unlock_errors = (*secret_errors, 422)  # 422: a staged bundle that fails its check
         volume_errors = (404, 409, 423)
         store_write = (409, 423)
         staleness = {k: (BOOL if k.endswith("_stale") else TIMESTAMP) for k in AuthRepo.STALENESS}
@@ -417,12 +419,14 @@ class Api:
             Route("GET", f"{API}/crypto/status", self.crypto_status,
                   "Initialized / locked, and how bootstrap came up",
                   _out(["initialized", "locked", "bootstrap"], initialized=BOOL, locked=BOOL,
-                       bootstrap=BOOTSTRAP_VIA)),
+                       bootstrap=BOOTSTRAP_VIA, **{"import": {"type": ["object", "null"]}})),
             Route("POST", f"{API}/crypto/setup", self.setup, "Create the SDEK under a password",
                   MESSAGE, (409,), _body(["password"], password=SECRET)),
             Route("POST", f"{API}/crypto/unlock", self.unlock,
                   "Unlock with the password or the recovery key; mounts bootstrap and control. "
-                  "Already unlocked: the secret is still checked.", MESSAGE, secret_errors,
+                  "Already unlocked: the secret is still checked. With an import staged, the "
+                  "bundle's secret: its state is verified and swapped in.", MESSAGE,
+                  unlock_errors,
                   {**_body([], password=SECRET, recovery_key=RECOVERY_KEY),
                    "oneOf": [{"required": ["password"]}, {"required": ["recovery_key"]}],
                    "description": "give exactly one of 'password' or 'recovery_key'"}),
@@ -509,20 +513,25 @@ class Api:
                       source=STR, data=OBJ)}), (423,),
                   query=AUDIT_QUERY),
         ]
-        self._compiled = [(r, r.pattern) for r in self.routes]
+        self._compiled = [(r, r.pattern) for r in sorted(self.routes,
+                                                         key=lambda r: "{" in r.path)]
 
     def add_routes(self, routes: list[Route]) -> None:
         """Routes of another room (they share this document and its validation)."""
         self.routes += routes
-        self._compiled = [(r, r.pattern) for r in self.routes]
+        self._compiled = [(r, r.pattern) for r in sorted(self.routes,
+                                                         key=lambda r: "{" in r.path)]
 
     # -- dispatch ------------------------------------------------------------------------
     async def dispatch(self, req: Request) -> Response | Stream:
         allowed = []
-        for route, pattern in self._compiled:
+        literal = False  # a path spelled out by a route (/exports/control) is that route's,
+        for route, pattern in self._compiled:  # not also a {id} of another
             m = pattern.match(req.path)
-            if m is None:
+            if m is None or (literal and "{" in route.path):
                 continue
+            if "{" not in route.path and not literal:
+                literal, allowed = True, []
             allowed.append(route.method)
             if route.method == req.method:
                 self._validate(route, req, m)
@@ -574,7 +583,7 @@ class Api:
     async def crypto_status(self, req: Request) -> Response:
         s = self.ctl.status()
         return Response(200, {"initialized": s["initialized"], "locked": s["locked"],
-                              "bootstrap": s["bootstrap"]})
+                              "bootstrap": s["bootstrap"], "import": s["import"]})
 
     async def setup(self, req: Request) -> Response:
         await self.ctl.keys.setup(_secret(req.json(), "password"))
@@ -749,7 +758,7 @@ def _response(status: int) -> dict[str, Any]:
 def openapi_document(routes: list[Route]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for r in routes:
-        media = "application/x-ndjson" if r.stream else "application/json"
+        media = r.media or ("application/x-ndjson" if r.stream else "application/json")
         op: dict[str, Any] = {
             "summary": r.summary,
             "operationId": r.method.lower() + re.sub(r"[^A-Za-z0-9]+", "_", r.path).rstrip("_"),

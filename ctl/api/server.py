@@ -134,6 +134,8 @@ class Response:
 class Stream:
     lines: AsyncIterator[bytes]
     status: int = 200
+    content_type: str = "application/x-ndjson"
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 Handler = Callable[[Request], Awaitable[Response | Stream]]
@@ -490,8 +492,8 @@ class ApiServer:
 
     async def _send_stream(self, stream: trio.SocketStream, conn: h11.Connection,
                            result: Stream) -> None:
-        headers = [("content-type", "application/x-ndjson"), ("transfer-encoding", "chunked"),
-                   ("connection", "close")]
+        headers = [("content-type", result.content_type), ("transfer-encoding", "chunked"),
+                   ("connection", "close"), *result.headers.items()]
         try:
             with trio.fail_after(SEND_TIMEOUT):
                 await stream.send_all(conn.send(h11.Response(status_code=result.status,

@@ -85,6 +85,15 @@ class BootstrapTpm:
             raise Failed(f"{self.sealed_path}: {exc}") from None
 
     # -- status --------------------------------------------------------------------------
+    def enrolment(self) -> dict[str, Any] | None:
+        """The PCR selection and PIN flag of the enrolment (what an export records so that
+        the importing device can seal to its own TPM alike); None when not enrolled."""
+        try:
+            sealed = self._load()
+        except Failed:
+            return None
+        return None if sealed is None else {"pcrs": list(sealed.pcrs), "pin": sealed.pin}
+
     async def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tcti": self.tcti, "enrolled": False, "pcrs": None,
                                "pin": None, "bootstrap": self.came_up,

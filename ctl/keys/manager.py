@@ -211,6 +211,29 @@ class KeyManager:
             sdek = await self._open(client, keyset.open_with_password, password)
         sdek[:] = bytes(len(sdek))
 
+    async def open_keyset(self, path: object, data: bytes, password: bytes | None,
+                          recovery_text: str | None, client: str) -> bytearray:
+        """The SDEK of another keyset (an imported one), checked through the same budget of
+        attempts as every other secret; the caller owns (and zeroes) the copy."""
+        try:
+            if len(data) > MAX_KEYSET:
+                raise KeysetError("implausibly large for a keyset")
+            keyset = Keyset.parse(data)
+        except KeysetError as exc:
+            raise StateCorrupt(path, str(exc)) from None
+        if recovery_text is not None:
+            key = self._normalize(recovery_text)
+            if not keyset.has_recovery:
+                raise NotInitialized("the imported keyset has no recovery key")
+            return await self._open(client, keyset.open_with_recovery, key)
+        if not password:
+            raise InvalidInput("password required")
+        return await self._open(client, keyset.open_with_password, password)
+
+    def adopt(self, sdek: bytearray) -> None:
+        """Hold `sdek` as this device's (the keyset it opens has just been put in place)."""
+        self._hold(sdek)
+
     async def unlock(self, password: bytes, client: str) -> None:
         if not password:
             raise InvalidInput("password required")

@@ -15,14 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
 from ctl import roles
-from ctl.errors import Failed, Locked, NotLeader
+from ctl.errors import Failed, ImportPending, Locked, NotLeader
 from ctl.events import Event, EventBus, utc_now
 from ctl.store.db import ControlDB, repair
 
@@ -50,6 +50,7 @@ class ControlStore:
         self._volume_mounted = False
         self._volume_error = ""
         self._reopen = False
+        self.frozen: str | None = None  # why writes are refused on a leader (an import)
         self.health: dict[str, Any] = {"status": "unknown", "message": "control store locked",
                                        "checked_at": utc_now()}
 
@@ -59,7 +60,7 @@ class ControlStore:
 
     @property
     def read_only(self) -> bool:
-        return self.role == roles.FOLLOWER
+        return self.role == roles.FOLLOWER or self.frozen is not None
 
     @property
     def is_open(self) -> bool:
@@ -153,6 +154,25 @@ class ControlStore:
         except (sqlite3.Error, OSError) as exc:
             log.warning("closing control.db on role change: %s", exc)
 
+    @contextlib.asynccontextmanager
+    async def quiesced(self) -> AsyncIterator[dict[str, Any]]:
+        """Hold every store operation while the control volume is copied: the WAL is
+        checkpointed into the database (TRUNCATE) first, so the copy is one consistent file
+        with nothing in flight. Yields the revision it holds."""
+        async with self._limiter:
+            db = self._require_open()
+            wal = self.db_path.with_name(self.db_path.name + "-wal")
+
+            def settle() -> dict[str, Any]:
+                # Only a WAL with frames is checkpointed: truncating an empty one would
+                # still touch it, and two exports of an unchanged store must be equal.
+                with contextlib.suppress(FileNotFoundError):
+                    if wal.stat().st_size > 0:
+                        db.checkpoint("TRUNCATE")
+                return db.revision()
+
+            yield await trio.to_thread.run_sync(settle)
+
     # -- reads and writes ----------------------------------------------------------------
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         db = self._require_open()
@@ -161,6 +181,8 @@ class ControlStore:
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T | None:
         """One transaction plus the revision bump; announces the commit. None = no change."""
         db = self._require_open()
+        if self.frozen is not None:
+            raise ImportPending(f"the control store is read-only: {self.frozen}")
         if self.read_only or db.read_only:
             raise NotLeader("not leader: the control store is read-only on a follower")
         try:

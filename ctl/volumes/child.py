@@ -251,6 +251,33 @@ class MountChild:
         await self.request("lease", token=fence.token, until=fence.until)
         self.fence = fence
 
+    async def capture_begin(self) -> None:
+        """Have the mount record the backing paths it mutates from now on (restarts)."""
+        await self.request("capture", action="begin")
+
+    async def capture_hold(self, max_s: float | None = None) -> dict[str, Any]:
+        """Make mutations wait (at most `max_s`, default the mount's 120 s):
+        {dirty_count, overflow}."""
+        extra = {} if max_s is None else {"max_s": max_s}
+        return await self.request("capture", action="hold", **extra)
+
+    async def capture_dirty(self) -> tuple[list[bytes], bool]:
+        """Every path recorded (relative to the cipher dir, b"" the root), and overflow: if
+        true the list is incomplete and the whole tree must be rescanned."""
+        paths: list[bytes] = []
+        start: int | None = 0
+        overflow = False
+        while start is not None:
+            reply = await self.request("capture", action="dirty", **{"from": start})
+            paths += [os.fsencode(p) for p in reply["paths"]]
+            start, overflow = reply["next"], bool(reply["overflow"])
+        return paths, overflow
+
+    async def capture_release(self) -> dict[str, Any]:
+        """End hold and capture: {held_ms, waited, expired}; expired: the hold ran out
+        before this, so what was copied under it is not a point in time."""
+        return await self.request("capture", action="release")
+
     async def unmount(self, lazy: bool) -> None:
         """Unmount through the kernel; Busy if files are open and not lazy.
 

@@ -16,11 +16,13 @@ stats a mountpoint: a dead FUSE mount would hang the daemon (ctl.volumes.mountin
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import os
 import re
 import secrets
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,27 @@ class VolumeManager:
                     if p.is_dir() and VOLUME_ID.fullmatch(p.name)}
         mounts = mountinfo.mounts()
         return [self.info(i, mounts) for i in sorted(ids)]
+
+    @contextlib.asynccontextmanager
+    async def exporting(self, volume_id: str) -> AsyncIterator[MountChild | None]:
+        """Hold the volume's transitions while an export copies it. Yields its mount process
+        when it is mounted writable (which then records and holds mutations), else None:
+        then nothing can change the cipher dir until the block ends."""
+        vol = self._get(volume_id)
+        async with vol.lock:
+            child = vol.child
+            writable = child is not None and not child.read_only and not child.draining
+            yield child if writable else None
+
+    def reload(self) -> None:
+        """Read the journals anew (the state dir was replaced by an import). Only with
+        nothing attached."""
+        if any(v.child is not None or v.draining is not None for v in self._vols.values()):
+            raise Conflict("volumes are still attached")
+        for vol in self._vols.values():
+            self._cancel_retry(vol)
+        self._vols = {}
+        self._load()
 
     def is_attached(self, volume_id: str) -> bool:
         vol = self._vols.get(volume_id)

@@ -1,7 +1,8 @@
 """pyfuse3 Operations for one encrypted tree.
 
-Every handler is wrapped by `fuse_op` (errno mapping) and, where it mutates, checks the
-read-only gate first. Handlers do their backing I/O inline: each runs to completion on the
+Every handler is wrapped by `fuse_op` (errno mapping) and, where it mutates, passes the gate
+first (a capture's hold, then the read-only gate) and records what it changes for a capture
+(piccolofs.fs.capture). Handlers do their backing I/O inline: each runs to completion on the
 event loop without yielding, which makes one request's read-modify-write atomic with
 respect to every other request. Only fsync, whose latency is the disk's, goes to a thread
 (`_sync_to_store`, which lets another worker read requests meanwhile).
@@ -32,6 +33,7 @@ from piccolofs.format.names import (
     BackingName,
 )
 from piccolofs.format.volume import VolumeCrypto
+from piccolofs.fs.capture import Capture
 from piccolofs.fs.errors import Counters, fail, fuse_op
 from piccolofs.fs.inodes import ROOT, Inode, InodeTable
 from piccolofs.fs.request_wait import RequestWaiter
@@ -92,6 +94,7 @@ class PiccoloOperations(pyfuse3.Operations):
         self._as_root = os.geteuid() == 0
         self.counters = Counters
         self.requests = RequestWaiter()
+        self.capture = Capture()
         self._fsync_free = syscalls.fsync_is_free(root_fd)
         self.initialized = trio.Event()
 
@@ -123,9 +126,13 @@ class PiccoloOperations(pyfuse3.Operations):
         with self.requests.offload():
             await trio.to_thread.run_sync(fn, fd)
 
-    def _writable(self) -> None:
+    async def _writable(self) -> None:
         """The gate every mutation passes first: a handler already past it finishes, none
-        starts once the role is follower or the write lease has run out."""
+        starts once the role is follower or the write lease has run out. During a capture's
+        hold it waits, and only then checks the role, which may have changed meanwhile."""
+        if self.capture.held:
+            with self.requests.offload():  # another worker reads requests meanwhile
+                await self.capture.wait()
         if self.read_only or (self.lease_until is not None
                               and time.monotonic() >= self.lease_until):
             raise fail(errno.EROFS)
@@ -267,8 +274,9 @@ class PiccoloOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self._writable()
+        await self._writable()
         ino = self._inode(inode)
+        self.capture.touch(ino)
         if fields.update_size:
             if ino.is_dir:
                 raise fail(errno.EISDIR)
@@ -315,9 +323,10 @@ class PiccoloOperations(pyfuse3.Operations):
     # ---------------------------------------------------------------------------------
     def _create_entry(self, parent: Inode, name: bytes,
                       make: Callable[[BackingName], None]) -> BackingName:
-        """Write a long name's companion, run `make`, and undo the companion on failure."""
-        self._writable()
+        """Write a long name's companion, run `make`, and undo the companion on failure.
+        (The caller has passed the gate.)"""
         bn = self._bname(parent, name, creating=True)
+        self.capture.entry(parent, bn.name)
         dirs.write_companion(self._fd(parent), bn)
         try:
             make(bn)
@@ -333,6 +342,7 @@ class PiccoloOperations(pyfuse3.Operations):
     @fuse_op
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._writable()
         parent = self._dir(parent_inode)
         owner = self._owner(parent, ctx)
 
@@ -348,6 +358,7 @@ class PiccoloOperations(pyfuse3.Operations):
     @fuse_op
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._writable()
         parent = self._dir(parent_inode)
         owner = self._owner(parent, ctx)
         want = stat.S_IMODE(mode)
@@ -376,6 +387,7 @@ class PiccoloOperations(pyfuse3.Operations):
     @fuse_op
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._writable()
         parent = self._dir(parent_inode)
         owner = self._owner(parent, ctx)
         stored = self.volume.seal_symlink(target)
@@ -393,6 +405,7 @@ class PiccoloOperations(pyfuse3.Operations):
     @fuse_op
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._writable()
         ino = self._inode(inode)
         parent = self._dir(new_parent_inode)
         if ino.is_dir:
@@ -411,6 +424,7 @@ class PiccoloOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        await self._writable()
         parent = self._dir(parent_inode)
         owner = self._owner(parent, ctx)
         excl = os.O_EXCL if flags & os.O_EXCL else 0
@@ -441,9 +455,10 @@ class PiccoloOperations(pyfuse3.Operations):
     # ---------------------------------------------------------------------------------
     @fuse_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._writable()
+        await self._writable()
         parent = self._dir(parent_inode)
         bn = self._bname(parent, name)
+        self.capture.entry(parent, bn.name)
         pfd = self._fd(parent)
         st = os.lstat(bn.name, dir_fd=pfd)
         if stat.S_ISDIR(st.st_mode):
@@ -501,9 +516,10 @@ class PiccoloOperations(pyfuse3.Operations):
 
     @fuse_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._writable()
+        await self._writable()
         parent = self._dir(parent_inode)
         bn = self._bname(parent, name)
+        self.capture.entry(parent, bn.name)  # the IV set aside, the companion: all in parent
         st = os.lstat(bn.name, dir_fd=self._fd(parent))
         if not stat.S_ISDIR(st.st_mode):
             raise fail(errno.ENOTDIR)
@@ -520,11 +536,13 @@ class PiccoloOperations(pyfuse3.Operations):
     @fuse_op
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        self._writable()
+        await self._writable()
         old_parent = self._dir(parent_inode_old)
         new_parent = self._dir(parent_inode_new)
         old = self._bname(old_parent, name_old)
         new = self._bname(new_parent, name_new, creating=True)
+        self.capture.entry(old_parent, old.name)
+        self.capture.entry(new_parent, new.name)
         if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE
                      | syscalls.RENAME_WHITEOUT):
             raise fail(errno.EINVAL)
@@ -592,7 +610,9 @@ class PiccoloOperations(pyfuse3.Operations):
             raise fail(errno.EISDIR if ino.is_dir else errno.EINVAL)
         writable = bool(flags & _WRITE_FLAGS)
         if writable or flags & os.O_TRUNC:
-            self._writable()
+            await self._writable()
+        if flags & os.O_TRUNC:
+            self.capture.touch(ino)
         fd = syscalls.reopen(self._fd(ino), (os.O_RDWR if writable else os.O_RDONLY)
                              | (flags & _PASS_FLAGS))
         try:
@@ -634,10 +654,11 @@ class PiccoloOperations(pyfuse3.Operations):
 
     @fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        self._writable()
+        await self._writable()
         h = self._file(fh)
         if not h.writable:
             raise fail(errno.EBADF)
+        self.capture.touch(h.ino)
         cfile = h.ino.cfile
         assert cfile is not None
         if h.append:
@@ -756,8 +777,9 @@ class PiccoloOperations(pyfuse3.Operations):
     @fuse_op
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        self._writable()
+        await self._writable()
         ino = self._inode(inode)
+        self.capture.touch(ino)
         if name.decode("utf-8", "surrogateescape") == CAPABILITY_XATTR:
             raise fail(errno.EOPNOTSUPP)
         enc = self._xattr_name(name)
@@ -806,8 +828,9 @@ class PiccoloOperations(pyfuse3.Operations):
 
     @fuse_op
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._writable()
+        await self._writable()
         ino = self._inode(inode)
+        self.capture.touch(ino)
         try:
             os.removexattr(self._xattr_target(ino), self._xattr_name(name))
         except OSError as exc:

@@ -1,0 +1,1 @@
+"""Backups of a device: PCV bundles, exports, imports."""
