@@ -179,6 +179,22 @@ class Client:
             conn.close()
 
 
+    def upload(self, path: str, chunks: Iterator[bytes]) -> Any:
+        """POST a binary body (a bundle) as it is read, chunked; returns the JSON answer."""
+        conn = self._conn(None)
+        try:
+            conn.request("POST", "/api/v1" + path, body=chunks, encode_chunked=True,
+                         headers={"Content-Type": "application/x-tar",
+                                  "Transfer-Encoding": "chunked"})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        parsed = json.loads(data) if data.strip() else {}
+        if resp.status >= 300:
+            raise ApiError(resp.status, parsed)
+        return parsed
+
     def download(self, path: str, out: Any) -> int:
         """Copy a binary body (a bundle) to `out`; returns the bytes written."""
         conn, resp = self._request("GET", path, None, timeout=None)
@@ -338,6 +354,10 @@ def cmd_volume(c: Client, args: argparse.Namespace) -> int:
         res = c.call("POST", f"/volumes/{vid}/attach", {"role": args.role})
     elif a == "detach":
         res = c.call("POST", f"/volumes/{vid}/detach", {"lazy": args.lazy})
+    elif a == "fsck":
+        res = c.call("POST", f"/volumes/{vid}/fsck")
+        _print(args, res, "\n".join([*res["problems"], f"{args.id}: {res['summary']}"]))
+        return OK if res["ok"] else FAILED
     else:
         res = c.call("POST", f"/volumes/{vid}/role", {"role": args.role})
     _print(args, res, _volume_line(res) + f"\n  mountpoint: {res['mountpoint']}")
@@ -533,6 +553,18 @@ def cmd_export(c: Client, args: argparse.Namespace) -> int:
     return OK
 
 
+def _stdin_chunks(show: bool) -> Iterator[bytes]:
+    sent, t0 = 0, time.monotonic()
+    while chunk := sys.stdin.buffer.read(1 << 20):
+        sent += len(chunk)
+        if show:
+            rate = sent / max(time.monotonic() - t0, 1e-6)
+            print(f"\rsending {_size(sent)} {_size(rate)}/s   ", end="", file=sys.stderr)
+        yield chunk
+    if show:
+        print(file=sys.stderr)
+
+
 def cmd_import(c: Client, args: argparse.Namespace) -> int:
     if args.target == "status" and not os.path.exists(args.target):
         data = c.call("GET", "/imports")
@@ -546,11 +578,18 @@ def cmd_import(c: Client, args: argparse.Namespace) -> int:
     if args.target == "abort" and not os.path.exists(args.target):
         _print(args, c.call("POST", "/imports/abort"), "import aborted; the previous state stays")
         return OK
-    body: dict[str, Any] = {"path": os.path.abspath(args.target), "force": args.force}
-    if args.keyset:
-        body["keyset"] = os.path.abspath(args.keyset)
-    job = c.call("POST", "/imports", body)
-    job = _follow_job(c, args, f"/imports/{job['id']}")
+    if args.target == "-":  # the bundle arrives on stdin: sent as it is read
+        query = {"force": "true" if args.force else "false"}
+        if args.keyset:
+            query["keyset"] = os.path.abspath(args.keyset)
+        job = c.upload("/imports?" + urllib.parse.urlencode(query),
+                       _stdin_chunks(sys.stderr.isatty() and not args.json))
+    else:
+        body: dict[str, Any] = {"path": os.path.abspath(args.target), "force": args.force}
+        if args.keyset:
+            body["keyset"] = os.path.abspath(args.keyset)
+        job = c.call("POST", "/imports", body)
+        job = _follow_job(c, args, f"/imports/{job['id']}")
     if job["state"] != "done":
         return _job_failed(args, job)
     _print(args, job, f"imported, locked ({job['result'].get('kind')} bundle of "
@@ -639,7 +678,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("volume")
     vs = v.add_subparsers(dest="action", required=True)
     vs.add_parser("list")
-    for name in ("show", "ensure", "attach", "detach", "role"):
+    for name in ("show", "ensure", "attach", "detach", "role", "fsck"):
         sp = vs.add_parser(name)
         sp.add_argument("id")
         if name == "ensure":
@@ -692,7 +731,8 @@ def _parser() -> argparse.ArgumentParser:
                          "dir; - for stdout)")
     im = sub.add_parser("import", help="stage a bundle (then unlock with its secret), or "
                                        "`import status` / `import abort`")
-    im.add_argument("target", metavar="FILE|status|abort")
+    im.add_argument("target", metavar="FILE|-|status|abort",
+                    help="a bundle (- : read it from stdin), or status / abort")
     im.add_argument("--keyset", metavar="FILE",
                     help="the keyset of an envelope from the older daemon (it has none)")
     im.add_argument("--force", action="store_true",

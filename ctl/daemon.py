@@ -129,7 +129,7 @@ async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval:
     api.add_routes(bootstrap_routes(controller, tpm, assets, bus))
     api.add_routes(bundle_routes(controller, exporter, importer, jobs))
     api.add_routes(cluster_routes(registry))
-    server = ApiServer(paths.socket, api.dispatch)
+    server = ApiServer(paths.socket, api.dispatch, uploads=api.accepts_upload)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             if isinstance(registry, EtcdRegistry):

@@ -133,6 +133,8 @@ def test_full_export_restores_a_device_with_its_password_or_recovery_key(
         apps, audit = _store(dev)
         assert apps == want_apps and audit[:len(want_audit)] == want_audit
         assert dev.call("GET", "/store")["revision"] >= revision
+        for vid in APPS:
+            assert _ctl_json(dev, "volume", "fsck", vid)["ok"]
         result = [e["data"] for e in dev.events(topic="import_result")][-1]
         assert result["status"] == "ok"
         assert {h["name"]: h["status"] for h in result["hooks"]}["assets"] == "ok"
@@ -433,5 +435,125 @@ def test_export_under_a_writer_is_point_in_time(tmp_path: Path, devices: Any) ->
             continue  # caught between the writer's truncate and its write: a state it made
         g = int(content[:8])
         assert content[8:] == bytes([g % 251]) * 50_000
-    fsck = b.ctl("volume", "show", "busy")
-    assert fsck.returncode == 0
+    fsck = _ctl_json(b, "volume", "fsck", "busy")
+    assert fsck["ok"] and fsck["problem_count"] == 0, fsck
+
+
+def test_a_bundle_sent_on_stdin_is_staged_as_it_arrives(tmp_path: Path, devices: Any,
+                                                        source_bundle: Path) -> None:
+    b = devices("b")
+    half = tmp_path / "half.pcv"
+    half.write_bytes(source_bundle.read_bytes()[: source_bundle.stat().st_size // 2])
+    before = _state_digest(b.state)
+    for path, code, exit_code in ((half, "bundle_truncated", 7),
+                                  (Path("/etc/hostname"), "bundle_not_a_bundle", 9)):
+        with open(path, "rb") as f:
+            res = subprocess.run([*b.ctl_argv(), "import", "-"], stdin=f,
+                                 capture_output=True, text=True, timeout=120)
+        assert res.returncode == exit_code and code in res.stderr, res.stderr
+        assert _state_digest(b.state) == before
+    with open(source_bundle, "rb") as f:
+        res = subprocess.run([*b.ctl_argv(), "--json", "import", "-"], stdin=f,
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["result"]["status"] == "staged"
+    assert b.ctl("unlock", input=PASSWORD + "\n").returncode == 0
+    assert b.call("GET", "/store/apps/nextcloud")["Version"] == "29.0"
+
+
+def _go_envelope(state: Path, dest: Path) -> Path:
+    """A `.pcv` as the older daemon writes it: control and bootstrap ciphertext in a tar
+    (no keyset, no manifest), base64 in a JSON envelope."""
+    import base64
+    import io
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for vid in ("control", "bootstrap"):
+            root = state / "ciphertext" / vid
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                rel = os.path.relpath(dirpath, root)
+                name = vid + "/" + ("" if rel == "." else rel + "/")
+                info = tarfile.TarInfo(name)
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o700, int(time.time())
+                tar.addfile(info)
+                for fname in sorted(filenames):
+                    p = Path(dirpath) / fname
+                    info = tar.gettarinfo(str(p), arcname=name + fname)
+                    info.mtime = int(time.time())
+                    with open(p, "rb") as f:
+                        tar.addfile(info, f)
+    blob = raw.getvalue()
+    envelope = {"kind": "full_data", "generated_at": "2026-11-29T10:00:00Z",
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "blob_b64": base64.b64encode(blob).decode()}
+    out = dest / "full-data.pcv"
+    out.write_text(json.dumps(envelope, indent=2) + "\n")
+    return out
+
+
+def test_an_envelope_of_the_older_daemon_imports_with_its_keyset(tmp_path: Path,
+                                                                  devices: Any) -> None:
+    a = devices("a")
+    a.setup_and_unlock()
+    a.call("PUT", "/store/apps/nextcloud", {"Version": "29.0", "Enabled": True})
+    a.stop()
+    envelope = _go_envelope(a.state, tmp_path)
+    keyset = tmp_path / "keyset.json"
+    shutil.copyfile(a.state / "crypto" / "keyset.json", keyset)
+    b = devices("b")
+    res = b.ctl("import", str(envelope))
+    assert res.returncode == 7 and "--keyset" in res.stderr, res.stderr
+    _ctl_json(b, "import", str(envelope), "--keyset", str(keyset))
+    assert b.ctl("unlock", input=PASSWORD + "\n").returncode == 0
+    assert b.call("GET", "/store/apps/nextcloud")["Version"] == "29.0"
+    assert _ctl_json(b, "volume", "fsck", "control")["ok"]
+
+
+def test_volume_fsck_finds_a_tampered_block(devices: Any) -> None:
+    a = devices("a")
+    a.setup_and_unlock()
+    _ctl_json(a, "volume", "ensure", "v")
+    _ctl_json(a, "volume", "attach", "v")
+    (a.mount("v") / "f").write_bytes(os.urandom(100_000))
+    _ctl_json(a, "volume", "detach", "v")
+    assert _ctl_json(a, "volume", "fsck", "v")["ok"]
+    cipher = a.state / "ciphertext" / "v"
+    victim = max((p for p in cipher.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.seek(50_000)
+        byte = f.read(1)
+        f.seek(50_000)
+        f.write(bytes([byte[0] ^ 0x40]))
+    res = a.ctl("--json", "volume", "fsck", "v")
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    assert not report["ok"] and report["problem_count"] >= 1
+
+
+def test_an_import_seals_the_bootstrap_key_to_this_tpm(tmp_path: Path) -> None:
+    from tests.swtpm import Swtpm
+
+    with Swtpm(tmp_path / "tpm-a") as tpm_a, Swtpm(tmp_path / "tpm-b") as tpm_b:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        a = Daemon(tmp_path / "a", ["--tpm-tcti", tpm_a.tcti]).start()
+        b = Daemon(tmp_path / "b", ["--tpm-tcti", tpm_b.tcti]).start()
+        try:
+            a.setup_and_unlock()
+            assert _ctl_json(a, "tpm", "enroll", "--pcrs", "7")["enrolled"]
+            bundle = Path(_ctl_json(a, "export", "control")["result"]["path"])
+            _ctl_json(b, "import", str(bundle))
+            assert b.ctl("unlock", input=PASSWORD + "\n").returncode == 0
+            result = [e["data"] for e in b.events(topic="import_result")][-1]
+            hooks = {h["name"]: h for h in result["hooks"]}
+            assert hooks["tpm"]["status"] == "ok", hooks
+            b.stop(release=False)
+            b.start()
+            status = b.call("GET", "/crypto/status")
+            assert status["locked"] and status["bootstrap"] == "tpm"
+            assert is_mounted(b.mount("bootstrap")) and not is_mounted(b.mount("control"))
+        finally:
+            a.stop()
+            b.stop()

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from ctl.api.routes import API, BOOL, NAME, OBJ, STR, Route, _body, _enum, _out
+from ctl.api.routes import API, BOOL, NAME, OBJ, STR, Route, _body, _enum, _out, _query
 from ctl.api.server import Request, Response, Stream
 from ctl.bundles import format as fmt
 from ctl.bundles.export import Exporter
@@ -33,6 +33,10 @@ EXPORT_BODY = _body(["kind"], kind=_enum(fmt.KINDS),
                     volumes={"type": "array", "items": NAME, "maxItems": 256},
                     output=PATH)
 IMPORT_BODY = _body(["path"], path=PATH, keyset=PATH, force=BOOL)
+UPLOAD_QUERY = {"force": {**_enum(("true", "false")), "default": "false",
+                          "description": "with a bundle sent as the body: replace this "
+                                         "device's state"},
+                "keyset": {**PATH, "description": "with an older envelope sent as the body"}}
 CHUNK = 1 << 20
 
 
@@ -81,6 +85,13 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
                       headers={"x-piccolo-sha256": str(job.result.get("sha256", ""))})
 
     async def import_start(req: Request) -> Response:
+        if req.upload is not None:  # the bundle is the body: answered once it is staged
+            args = _query(UPLOAD_QUERY, req)
+            source = importer.plan(None, args["keyset"], args["force"] == "true",
+                                   req.peer.client, upload=req.upload)
+            job = importer.start(source)
+            await job.done.wait()
+            return Response(200, job.to_json())
         body = req.json()
         source = importer.plan(body["path"], body.get("keyset"), bool(body.get("force")),
                                req.peer.client)
@@ -119,9 +130,10 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
               {"type": "string", "format": "binary"}, (404, 409), stream=True,
               media="application/x-tar"),
         Route("POST", i, import_start,
-              "Stage a bundle from a path on this machine (checked entry by entry; nothing "
-              "goes live before an unlock with its password or recovery key)", JOB,
-              (404, 409), IMPORT_BODY),
+              "Stage a bundle from a path on this machine, or sent as the body "
+              "(application/x-tar; answered once staged); checked entry by entry, nothing "
+              "goes live before an unlock with its password or recovery key", JOB,
+              (404, 409), IMPORT_BODY, query=UPLOAD_QUERY, upload=True),
         Route("GET", i, import_status, "The staged import, if any, and the running job",
               _out(["pending", "running"], pending={"type": ["object", "null"]},
                    running={"type": ["object", "null"]})),

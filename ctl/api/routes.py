@@ -209,6 +209,7 @@ class Route:
     query: dict[str, Schema] = field(default_factory=dict)
     stream: bool = False
     media: str | None = None  # a streamed body of another type (a bundle download)
+    upload: bool = False  # also takes its body as a stream (application/x-tar): a bundle
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -461,6 +462,11 @@ class Api:
                   VOLUME, volume_errors, _body([], lazy=BOOL), True),
             Route("POST", f"{v}/role", self.volume_role, "Change the role, live if mounted",
                   VOLUME, volume_errors, role_body, True),
+            Route("POST", f"{v}/fsck", self.volume_fsck,
+                  "Authenticate every name, xattr and block of the volume's ciphertext",
+                  _out(["id", "ok", "problems", "problem_count", "summary"], id=STR, ok=BOOL,
+                       problems={"type": "array", "items": STR}, problem_count=INT,
+                       summary=STR), volume_errors, None, True),
             Route("GET", f"{API}/leadership", self.leadership, "The leadership registry",
                   _out(["roles"], roles=ROLE_MAP)),
             Route("POST", f"{API}/leadership", self.leadership_set,
@@ -516,6 +522,10 @@ class Api:
         self._compiled = [(r, r.pattern) for r in sorted(self.routes,
                                                          key=lambda r: "{" in r.path)]
 
+    def accepts_upload(self, method: str, path: str) -> bool:
+        return any(r.upload and r.method == method and p.match(path)
+                   for r, p in self._compiled)
+
     def add_routes(self, routes: list[Route]) -> None:
         """Routes of another room (they share this document and its validation)."""
         self.routes += routes
@@ -524,7 +534,7 @@ class Api:
 
     # -- dispatch ------------------------------------------------------------------------
     async def dispatch(self, req: Request) -> Response | Stream:
-        allowed = []
+        allowed: list[str] = []
         literal = False  # a path spelled out by a route (/exports/control) is that route's,
         for route, pattern in self._compiled:  # not also a {id} of another
             m = pattern.match(req.path)
@@ -551,6 +561,8 @@ class Api:
         for name, value in req.params.items():
             _check(PATH_PARAMS[name], value, f"path parameter {name!r}")
         _query(route.query, req)
+        if req.upload is not None:
+            return  # the body is the stream itself; its handler checks it as it arrives
         body = req.json()
         if route.body is None:
             if body:
@@ -653,6 +665,9 @@ class Api:
     async def volume_detach(self, req: Request) -> Response:
         lazy = _field(req.json(), "lazy", False)
         return Response(200, await self.volumes.detach(req.params["id"], lazy=lazy))
+
+    async def volume_fsck(self, req: Request) -> Response:
+        return Response(200, await self.volumes.fsck(req.params["id"]))
 
     async def volume_role(self, req: Request) -> Response:
         role = _field(req.json(), "role")
@@ -769,8 +784,11 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
         }
         if r.body is not None:
             needed = bool(r.body["required"]) or "oneOf" in r.body
-            op["requestBody"] = {"required": needed,
-                                 "content": {"application/json": {"schema": r.body}}}
+            content: dict[str, Any] = {"application/json": {"schema": r.body}}
+            if r.upload:
+                content["application/octet-stream"] = {"schema": {"type": "string",
+                                                           "format": "binary"}}
+            op["requestBody"] = {"required": needed, "content": content}
         params = [{"name": p, "in": "path", "required": True, "schema": PATH_PARAMS[p]}
                   for p in re.findall(r"\{(\w+)\}", r.path)]
         params += [{"name": name, "in": "query", "required": False, "schema": schema,

@@ -47,6 +47,8 @@ log = logging.getLogger("ctl.api")
 MAX_BODY = 1024 * 1024
 MAX_HEADERS = 16 * 1024
 RECEIVE_SIZE = 64 * 1024
+UPLOAD_TYPES = (b"application/x-tar", b"application/octet-stream")
+UPLOAD_IDLE = 60.0  # seconds an upload may pause before it is given up
 SOCKET_MODE = 0o660
 
 # A kept-alive connection waiting for its next request. The CLI sends its request at once.
@@ -95,6 +97,42 @@ class Peer:
         return f"uid:{self.uid}"
 
 
+class Upload:
+    """A request body taken as it arrives, never whole in memory: a bundle sent to be
+    imported. `receive()` gives the next piece, b"" at the end; a client that stalls for
+    UPLOAD_IDLE seconds or leaves mid-way ends it with UploadBroken."""
+
+    def __init__(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
+        self._stream = stream
+        self._conn = conn
+        self.complete = False
+
+    async def receive(self) -> bytes:
+        while not self.complete:
+            try:
+                event = self._conn.next_event()
+                if event is h11.NEED_DATA:
+                    with trio.fail_after(UPLOAD_IDLE):
+                        data = await self._stream.receive_some(RECEIVE_SIZE)
+                    self._conn.receive_data(data)
+                    continue
+            except (h11.RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError,
+                    trio.ClosedResourceError) as exc:
+                raise UploadBroken(f"the upload ended early: {exc or 'the client stalled'}")\
+                    from None
+            if isinstance(event, h11.Data):
+                return bytes(event.data)
+            if isinstance(event, h11.EndOfMessage):
+                self.complete = True
+            else:
+                raise UploadBroken("the upload ended early: the client left")
+        return b""
+
+
+class UploadBroken(OSError):
+    pass
+
+
 @dataclass
 class Request:
     method: str
@@ -104,6 +142,7 @@ class Request:
     body: bytes
     peer: Peer
     params: dict[str, str] = field(default_factory=dict)
+    upload: Upload | None = None
 
     def json(self) -> dict[str, Any]:
         if not self.body.strip():
@@ -223,9 +262,11 @@ class _Slot:
 
 class ApiServer:
     def __init__(self, socket_path: Path, dispatch: Handler, *,
-                 max_connections: int | None = None) -> None:
+                 max_connections: int | None = None,
+                 uploads: Callable[[str, str], bool] = lambda method, path: False) -> None:
         self.socket_path = socket_path
         self.dispatch = dispatch
+        self.uploads = uploads
         self.max_connections = max_connections or connection_limit()
         self._fixed_limit = max_connections is not None
         self._group = -1
@@ -393,6 +434,8 @@ class ApiServer:
                 await self._send_stream(stream, conn, result)
                 return
             await self._send(stream, conn, result, head=req.method == "HEAD")
+            if req.upload is not None and not req.upload.complete:
+                return  # answered before the body ended (refused): the rest is not read
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -431,6 +474,8 @@ class ApiServer:
                         continue
                     if isinstance(event, h11.Request):
                         head = event
+                        if self._is_upload(head):
+                            return self._request_of(head, b"", peer, Upload(stream, conn))
                     elif isinstance(event, h11.Data):
                         body += event.data
                         if len(body) > MAX_BODY:
@@ -451,14 +496,26 @@ class ApiServer:
             return None
         if head is None or deadline.cancelled_caught:
             return None  # nothing, or a request that did not arrive in time: drop it
+        return self._request_of(head, bytes(body), peer)
+
+    def _is_upload(self, head: h11.Request) -> bool:
+        """A request whose body is a stream for its handler (a bundle), not JSON to read."""
+        ctype = dict(head.headers).get(b"content-type", b"").split(b";")[0].strip().lower()
+        path = urllib.parse.urlsplit(head.target.decode("ascii", "replace")).path
+        return ctype in UPLOAD_TYPES and self.uploads(head.method.decode(), path)
+
+    @staticmethod
+    def _request_of(head: h11.Request, body: bytes, peer: Peer,
+                    upload: Upload | None = None) -> Request:
         target = urllib.parse.urlsplit(head.target.decode("ascii", "replace"))
         return Request(
             method=head.method.decode(),
             path=target.path,
             query=urllib.parse.parse_qs(target.query, keep_blank_values=True),
             headers={k.decode().lower(): v.decode("latin-1") for k, v in head.headers},
-            body=bytes(body),
+            body=body,
             peer=peer,
+            upload=upload,
         )
 
     async def _reject(self, stream: trio.SocketStream, status: int, code: str, message: str,

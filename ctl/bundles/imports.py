@@ -76,10 +76,49 @@ class BundleRejected(CtlError):
 
 @dataclass
 class Source:
-    path: Path
+    path: Path | None  # a file on this machine, or
+    upload: Any  # a body arriving on the socket (ctl.api.server.Upload)
     keyset: Path | None
     force: bool
     client: str
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path else "the uploaded bundle"
+
+
+class _UploadReader:
+    """Blocking reads, for the staging thread, of a body the event loop receives."""
+
+    def __init__(self, upload: Any) -> None:
+        self.upload = upload
+        self.buf = bytearray()
+        self.ended = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.ended and (n < 0 or len(self.buf) < n):
+            chunk = trio.from_thread.run(self.upload.receive)
+            if not chunk:
+                self.ended = True
+            self.buf += chunk
+        size = len(self.buf) if n < 0 else min(n, len(self.buf))
+        out = bytes(self.buf[:size])
+        del self.buf[:size]
+        return out
+
+
+class _Prefixed:
+    """A stream whose first bytes were already read (to tell the format)."""
+
+    def __init__(self, head: bytes, rest: Any) -> None:
+        self.head = head
+        self.rest = rest
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = (self.head, b"") if n < 0 else (self.head[:n], self.head[n:])
+            return out
+        return bytes(self.rest.read(n))
 
 
 class _HashingReader:
@@ -258,7 +297,8 @@ class Importer:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # -- staging -------------------------------------------------------------------------
-    def plan(self, path: str, keyset: str | None, force: bool, client: str) -> Source:
+    def plan(self, path: str | None, keyset: str | None, force: bool, client: str,
+             upload: Any = None) -> Source:
         if self.jobs.running is not None:
             running = self.jobs.running
             raise Conflict(f"an {running.type} is already running (job {running.id})")
@@ -268,15 +308,17 @@ class Importer:
         if self.keys.initialized and not force:
             raise Conflict("this device is already set up: --force replaces its state (kept "
                            "aside until the imported one unlocks)")
-        src = Path(path)
-        if not src.is_absolute():
-            raise InvalidInput("the bundle path must be absolute")
-        if not src.is_file():
-            raise NotFound(f"no bundle at {src}")
+        src = None
+        if upload is None:
+            src = Path(path or "")
+            if not src.is_absolute():
+                raise InvalidInput("the bundle path must be absolute")
+            if not src.is_file():
+                raise NotFound(f"no bundle at {src}")
         ks = Path(keyset) if keyset else None
         if ks is not None and not ks.is_file():
             raise NotFound(f"no keyset at {ks}")
-        return Source(src, ks, force, client)
+        return Source(src, upload, ks, force, client)
 
     def _remove_work(self, work: Path) -> None:
         """A failed staging leaves the state dir exactly as it was."""
@@ -297,7 +339,8 @@ class Importer:
             try:
                 self.root.mkdir(mode=0o700, exist_ok=True)
                 work.mkdir(mode=0o700)
-                job.total_bytes = source.path.stat().st_size
+                if source.path is not None:
+                    job.total_bytes = source.path.stat().st_size
                 job.phase = "checking"
                 info = await trio.to_thread.run_sync(_extract, source, work, job)
                 crash_point("import.extracted")
@@ -316,7 +359,7 @@ class Importer:
                 self.bus.publish("import_result", {"id": job.id, "status": "failed",
                                                    "error": error})
                 self.bus.publish("audit", {"kind": "import_refused", "client": source.client,
-                                           "id": job.id, "path": str(source.path),
+                                           "id": job.id, "path": source.name,
                                            "error": error["message"]})
                 return
             for callback in self.on_staged:
@@ -326,7 +369,7 @@ class Importer:
             self.jobs.finish(job, result=result)
             self.bus.publish("import_result", {"id": job.id, **result})
             self.bus.publish("audit", {"kind": "import_staged", "client": source.client,
-                                       "id": job.id, "path": str(source.path),
+                                       "id": job.id, "path": source.name,
                                        "bundle_kind": record["kind"]})
 
     # -- unlock --------------------------------------------------------------------------
@@ -455,34 +498,42 @@ def _error_of(exc: BaseException) -> dict[str, str] | None:
 # -- worker-thread steps -------------------------------------------------------------------
 def _extract(source: Source, work: Path, job: Job) -> dict[str, Any]:
     """Check and stage the bundle; returns what the pending record says about it."""
+    if source.path is None:
+        return _stage(source, _UploadReader(source.upload), None, work, job)
     sidecar = Path(f"{source.path}.sha256")
     expected = None
     if sidecar.is_file():
         expected = fmt.parse_sidecar(sidecar.read_text(errors="replace")[:4096])
     with open(source.path, "rb") as raw:
-        f = _HashingReader(raw, job)
-        head = raw.peek(64)[:64] if hasattr(raw, "peek") else b""
-        kind = fmt.sniff(head)
-        extractor = Extractor(work / "staged", job)
-        if kind == "bundle":
-            if source.keyset is not None:
-                raise BundleRejected("unexpected_keyset", "this bundle carries its keyset: "
-                                     "--keyset is only for the older envelope format")
-            info = _extract_bundle(fmt.Reader(f), extractor, work)
-        elif kind == "go-envelope":
-            if source.keyset is None:
-                raise BundleRejected("keyset_required", "an envelope from the older daemon "
-                                     "carries no keyset: give it with --keyset FILE")
-            info = _extract_envelope(f, source.keyset, extractor)
-        else:
-            raise fmt.BundleError("not_a_bundle", f"{source.path} is neither a PCV bundle "
-                                  "nor an envelope of the older daemon")
-        while f.read(1 << 20):
-            pass  # the sidecar covers every byte of the file
-        if expected is not None and f.digest.hexdigest() != expected:
-            raise fmt.BundleError("bad_checksum", f"the bundle's SHA-256 differs from "
-                                  f"{sidecar.name}: it was damaged or replaced")
-        extractor.finish()
+        return _stage(source, raw, expected, work, job)
+
+
+def _stage(source: Source, raw: Any, expected: str | None, work: Path,
+           job: Job) -> dict[str, Any]:
+    f = _HashingReader(raw, job)
+    head = f.read(512)
+    stream = _Prefixed(head, f)
+    extractor = Extractor(work / "staged", job)
+    kind = fmt.sniff(head)
+    if kind == "bundle":
+        if source.keyset is not None:
+            raise BundleRejected("unexpected_keyset", "this bundle carries its keyset: "
+                                 "--keyset is only for the older envelope format")
+        info = _extract_bundle(fmt.Reader(stream), extractor, work)
+    elif kind == "go-envelope":
+        if source.keyset is None:
+            raise BundleRejected("keyset_required", "an envelope from the older daemon "
+                                 "carries no keyset: give it with --keyset FILE")
+        info = _extract_envelope(stream, source.keyset, extractor)
+    else:
+        raise fmt.BundleError("not_a_bundle", f"{source.name} is neither a PCV bundle nor "
+                              "an envelope of the older daemon")
+    while f.read(1 << 20):
+        pass  # the sidecar covers every byte of the file
+    if expected is not None and f.digest.hexdigest() != expected:
+        raise fmt.BundleError("bad_checksum", "the bundle's SHA-256 differs from its .sha256 "
+                              "sidecar: it was damaged or replaced")
+    extractor.finish()
     _check_staged(work / "staged", info["volumes"])
     return info
 
