@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import os
 import platform
@@ -70,6 +71,8 @@ class RssPoller:
         self.pids = pids
         self.polled: dict[str, int] = dict.fromkeys(pids, 0)
         self.hwm: dict[str, int] = dict.fromkeys(pids, 0)
+        self.before: dict[str, int] = dict.fromkeys(pids, 0)
+        self.cpu: dict[str, float] = dict.fromkeys(pids, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -83,8 +86,12 @@ class RssPoller:
                 return
 
     def __enter__(self) -> RssPoller:
-        for pid in self.pids.values():
-            with contextlib.suppress(OSError):
+        for name, pid in self.pids.items():
+            with contextlib.suppress(OSError, psutil.Error):
+                p = psutil.Process(pid)
+                self.before[name] = p.memory_info().rss
+                t = p.cpu_times()
+                self.cpu[name] = -(t.user + t.system)
                 Path(f"/proc/{pid}/clear_refs").write_text("5")
         self._thread.start()
         return self
@@ -93,14 +100,17 @@ class RssPoller:
         self._stop.set()
         self._thread.join()
         for name, pid in self.pids.items():
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                self.cpu[name] += t.user + t.system
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmHWM:"):
                         self.hwm[name] = int(line.split()[1]) * 1024
 
     def mib(self) -> dict[str, dict[str, float]]:
-        return {n: {"polled": self.polled[n] / MiB, "hwm": self.hwm[n] / MiB}
-                for n in self.pids}
+        return {n: {"polled": self.polled[n] / MiB, "hwm": self.hwm[n] / MiB,
+                    "before": self.before[n] / MiB, "cpu_s": self.cpu[n]} for n in self.pids}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -138,15 +148,25 @@ def mount_pid(d: Daemon, vid: str) -> int | None:
     return None
 
 
-def job_seconds(job: dict[str, Any]) -> float | None:
-    import datetime as dt
+def _when(stamp: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
+
+def job_seconds(job: dict[str, Any]) -> float | None:
     try:
-        t0 = dt.datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
-        t1 = dt.datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00"))
+        return (_when(job["finished_at"]) - _when(job["started_at"])).total_seconds()
     except (KeyError, AttributeError, ValueError):
         return None
-    return (t1 - t0).total_seconds()
+
+
+def copy_seconds(d: Daemon, job: dict[str, Any]) -> float | None:
+    """How long an export spent copying the volumes into its spool, before it began to
+    write the bundle: from its progress events (published every 0.5 s, so up to 0.5 s
+    late)."""
+    for e in d.events(topic="export_progress"):
+        if e["data"].get("id") == job["id"] and e["data"].get("phase") == "writing":
+            return (_when(e["time"]) - _when(job["started_at"])).total_seconds()
+    return None
 
 
 # -- the device ------------------------------------------------------------------------------
@@ -211,9 +231,11 @@ class Writer:
         finally:
             os.close(log)
 
-    def longest(self, t0: float, t1: float) -> float:
-        """The longest call that overlapped [t0, t1], seconds."""
-        return max((d for s, d in list(self.calls) if s < t1 and s + d > t0), default=0.0)
+    def longest(self, t0: float, t1: float) -> tuple[float, float]:
+        """The longest call that overlapped [t0, t1]: (seconds, when it began after t0)."""
+        d, s = max(((d, s) for s, d in list(self.calls) if s < t1 and s + d > t0),
+                   default=(0.0, t0))
+        return d, s - t0
 
 
 def med(xs: list[float]) -> float:
@@ -221,13 +243,16 @@ def med(xs: list[float]) -> float:
 
 
 # -- the run ---------------------------------------------------------------------------------
-def run(size: int, reps: int, base: Path) -> dict[str, Any]:
+PARTS = ("export", "import", "writer")
+
+
+def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     dest, peer = base / "x.pcv", base / "peer.tar"
     (base / "a").mkdir()
     a = Daemon(base / "a")
     samples: dict[str, list[Any]] = {k: [] for k in (
-        "export_s", "export_job_s", "tar_c_s", "import_s", "import_job_s", "tar_x_s",
-        "unlock_s", "rss_export", "rss_import", "rss_unlock", "hold")}
+        "export_s", "export_job_s", "export_copy_s", "tar_c_s", "import_s", "import_job_s",
+        "tar_x_s", "unlock_s", "rss_export", "rss_import", "rss_unlock", "hold")}
     try:
         a.start()
         a.setup_and_unlock()
@@ -252,6 +277,7 @@ def run(size: int, reps: int, base: Path) -> dict[str, Any]:
                 t, job = timed(lambda: ctl_json(a, "export", "full", "--output", str(dest)))
             samples["export_s"].append(t)
             samples["export_job_s"].append(job_seconds(job))
+            samples["export_copy_s"].append(copy_seconds(a, job))
             samples["rss_export"].append(rss.mib())
             print(f"  export      {t:6.2f} s  {cbytes / MiB / t:7.1f} MiB/s  "
                   f"bundle {job['result']['size'] / MiB:.0f} MiB", flush=True)
@@ -268,7 +294,7 @@ def run(size: int, reps: int, base: Path) -> dict[str, Any]:
             samples["tar_c_s"].append(t)
             print(f"  tar -c+sync {t:6.2f} s  {cbytes / MiB / t:7.1f} MiB/s", flush=True)
 
-        for rep in range(reps):
+        for rep in range(reps if "export" in parts else 0):
             for step in ((ours_export, tar_create) if rep % 2 == 0
                          else (tar_create, ours_export)):
                 step()
@@ -316,13 +342,14 @@ def run(size: int, reps: int, base: Path) -> dict[str, Any]:
                 shutil.rmtree(where, ignore_errors=True)
                 os.sync()
 
-        for rep in range(reps):
+        for rep in range(reps if "import" in parts else 0):
             for restore in ((ours_import, tar_extract) if rep % 2 == 0
                             else (tar_extract, ours_import)):
                 restore(rep)
-        peer.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            peer.unlink()
 
-        for _ in range(reps):
+        for _ in range(reps if "writer" in parts else 0):
             with contextlib.suppress(FileNotFoundError):
                 dest.unlink()
             drop_caches()
@@ -338,21 +365,26 @@ def run(size: int, reps: int, base: Path) -> dict[str, Any]:
                 w.stop.set()
                 thread.join(timeout=60)
             r = job["result"]
+            longest, at = w.longest(t0, t1)
             hold = {"hold_ms": r["hold_ms"].get(VOL, 0), "writes_held": r["writes_held"],
                     "recopied": r["recopied"].get(VOL, 0),
-                    "writer_max_ms": w.longest(t0, t1) * 1e3,
-                    "writer_max_before_ms": w.longest(t0 - 1.0, t0) * 1e3,
+                    "writer_max_ms": longest * 1e3, "writer_max_at_s": at,
+                    "writer_max_before_ms": w.longest(t0 - 1.0, t0)[0] * 1e3,
+                    "copy_s": copy_seconds(a, job), "job_s": job_seconds(job),
                     "writer_calls": sum(1 for s, _ in w.calls if t0 <= s < t1),
                     "export_s": t1 - t0}
             samples["hold"].append(hold)
             print(f"  under a writer: hold {hold['hold_ms']} ms, {hold['writes_held']} held, "
                   f"{hold['recopied']} recopied, writer's longest call "
-                  f"{hold['writer_max_ms']:.0f} ms (before: "
+                  f"{hold['writer_max_ms']:.0f} ms at +{at:.1f} s of {t1 - t0:.1f} s, "
+                  f"copy until ≈+{hold['copy_s']:.1f} s (before: "
                   f"{hold['writer_max_before_ms']:.0f} ms)", flush=True)
-        dest.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()
     finally:
         a.stop()
-    return {"cipher_bytes": cbytes, "size": size, "reps": reps, "samples": samples}
+    return {"cipher_bytes": cbytes, "size": size, "reps": reps, "parts": list(parts),
+            "samples": samples}
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -375,8 +407,14 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     def rate(key: str) -> float:
         return cb / MiB / med(s[key])
 
-    def peak(key: str, who: str, kind: str) -> float:
-        return max((float(r[who][kind]) for r in s[key] if who in r), default=float("nan"))
+    def known(key: str) -> list[float]:
+        return [float(x) for x in s[key] if x is not None]
+
+    def peak(step: str, who: str, kind: str) -> float:
+        rows = [float(r[who][kind]) for r in s[f"rss_{step}"] if who in r]
+        if not rows:
+            return float("nan")
+        return max(rows) if kind in ("polled", "hwm") else med(rows)
 
     hold = s["hold"]
     return {
@@ -384,25 +422,26 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "import_mib_s": rate("import_s"), "tar_x_mib_s": rate("tar_x_s"),
         "export_s": med(s["export_s"]), "tar_c_s": med(s["tar_c_s"]),
         "import_s": med(s["import_s"]), "tar_x_s": med(s["tar_x_s"]),
-        "export_job_s": med([x for x in s["export_job_s"] if x is not None]),
-        "import_job_s": med([x for x in s["import_job_s"] if x is not None]),
-        "unlock_s": med(s["unlock_s"]),
-        "rss": {f"{step}_{who}_{kind}": peak(f"rss_{step}", who, kind)
+        "export_job_s": med(known("export_job_s")), "export_copy_s": med(known("export_copy_s")),
+        "import_job_s": med(known("import_job_s")), "unlock_s": med(s["unlock_s"]),
+        "rss": {f"{step}_{who}_{kind}": peak(step, who, kind)
                 for step in ("export", "import", "unlock") for who in ("daemon", "mount")
-                for kind in ("polled", "hwm")},
-        "hold": {k: (med([h[k] for h in hold]), max((h[k] for h in hold), default=0))
+                for kind in ("polled", "hwm", "before", "cpu_s")},
+        "hold": {k: (med([float(h[k]) for h in hold]), max((float(h[k]) for h in hold),
+                                                           default=float("nan")))
                  for k in ("hold_ms", "writes_held", "recopied", "writer_max_ms",
                            "writer_max_before_ms", "writer_calls", "export_s")},
     }
 
 
 def markdown(res: dict[str, Any]) -> str:
-    m, x, reps = res["machine"], res["summary"], res["reps"]
+    m, x, reps, parts = res["machine"], res["summary"], res["reps"], res["parts"]
     rss, hold = x["rss"], x["hold"]
 
     def mib(step: str, who: str) -> str:
-        p, h = rss[f"{step}_{who}_polled"], rss[f"{step}_{who}_hwm"]
-        return "-" if p != p else f"{p:.0f} ({h:.0f})"  # p != p: NaN, not measured
+        p, h, b = (rss[f"{step}_{who}_{k}"] for k in ("polled", "hwm", "before"))
+        cpu = rss[f"{step}_{who}_cpu_s"]
+        return "-" if p != p else f"{p:.0f} ({h:.0f}); {b:.0f} before; {cpu:.1f} s CPU"
 
     def mm(key: str, fmt: str = "{:.0f}") -> str:
         a, b = hold[key]
@@ -414,40 +453,61 @@ def markdown(res: dict[str, Any]) -> str:
         f"{m['kernel']}, Python {m['python']}; {m['filesystem']} at {m['dir']}; one volume "
         f"of {gib:g} GiB ({res['cipher_bytes'] / MiB:.0f} MiB of ciphertext: one big file "
         f"and {SMALL_FILES} small ones); medians of {reps}; {res['date']}.",
-        "",
-        "| step | piccolofs | tar + sync (peer) | piccolofs / tar | goal |",
-        "|---|---:|---:|---:|---|",
-        f"| export (MiB/s) | {x['export_mib_s']:.0f} | {x['tar_c_mib_s']:.0f} | "
-        f"{x['export_mib_s'] / x['tar_c_mib_s']:.2f}x | ≥ 0.8x |",
-        f"| import, staged (MiB/s) | {x['import_mib_s']:.0f} | {x['tar_x_mib_s']:.0f} | "
-        f"{x['import_mib_s'] / x['tar_x_mib_s']:.2f}x | ≥ 0.8x |",
-        f"| export / import wall (s) | {x['export_s']:.2f} / {x['import_s']:.2f} | "
-        f"{x['tar_c_s']:.2f} / {x['tar_x_s']:.2f} | | |",
-        f"| … of which the daemon's job (s) | {x['export_job_s']:.2f} / "
-        f"{x['import_job_s']:.2f} | | | |",
-        f"| unlock that swaps the import in (s) | {x['unlock_s']:.2f} | | | |",
-        f"| daemon peak RSS, export (MiB) | {mib('export', 'daemon')} | | | ≤ 100 |",
-        f"| daemon peak RSS, import (MiB) | {mib('import', 'daemon')} | | | ≤ 100 |",
-        f"| daemon peak RSS, unlock (MiB) | {mib('unlock', 'daemon')} | | | |",
-        f"| volume's mount process peak RSS, export (MiB) | {mib('export', 'mount')} "
-        "| | | |",
-        "",
-        f"Under a writer (median (max) of {reps}):",
-        "",
-        "| export under a writer | value |",
-        "|---|---:|",
-        f"| export wall (s) | {mm('export_s', '{:.2f}')} |",
-        f"| hold_ms | {mm('hold_ms')} |",
-        f"| writes_held | {mm('writes_held')} |",
-        f"| recopied | {mm('recopied')} |",
-        f"| writer's calls during the export | {mm('writer_calls')} |",
-        f"| writer's longest call during the export (ms) | {mm('writer_max_ms', '{:.1f}')} |",
-        f"| writer's longest call in the second before (ms) | "
-        f"{mm('writer_max_before_ms', '{:.1f}')} |",
+    ]
+    if "export" in parts:
+        lines += [
+            "",
+            "| step | piccolofs | tar + sync (peer) | piccolofs / tar | goal |",
+            "|---|---:|---:|---:|---|",
+            f"| export (MiB/s) | {x['export_mib_s']:.0f} | {x['tar_c_mib_s']:.0f} | "
+            f"{x['export_mib_s'] / x['tar_c_mib_s']:.2f}x | ≥ 0.8x |",
+        ]
+        if "import" in parts:
+            lines.append(
+                f"| import, staged (MiB/s) | {x['import_mib_s']:.0f} | "
+                f"{x['tar_x_mib_s']:.0f} | {x['import_mib_s'] / x['tar_x_mib_s']:.2f}x "
+                "| ≥ 0.8x |")
+        lines += [
+            f"| export wall (s) | {x['export_s']:.2f} | {x['tar_c_s']:.2f} | | |",
+            f"| … the daemon's job / of which copying into the spool (s) | "
+            f"{x['export_job_s']:.2f} / ≈{x['export_copy_s']:.1f} | | | |",
+        ]
+        if "import" in parts:
+            lines += [
+                f"| import wall (s) | {x['import_s']:.2f} | {x['tar_x_s']:.2f} | | |",
+                f"| … the daemon's job (s) | {x['import_job_s']:.2f} | | | |",
+                f"| unlock that swaps the import in (s) | {x['unlock_s']:.2f} | | | |",
+            ]
+        lines += [
+            "",
+            "| process, step | peak RSS MiB, polled (VmHWM); RSS before; CPU | goal |",
+            "|---|---|---|",
+            f"| daemon, export | {mib('export', 'daemon')} | ≤ 100 MiB |",
+            f"| volume's mount process, export | {mib('export', 'mount')} | |",
+        ]
+        if "import" in parts:
+            lines += [f"| daemon, import | {mib('import', 'daemon')} | ≤ 100 MiB |",
+                      f"| daemon, unlock | {mib('unlock', 'daemon')} | |"]
+    if "writer" in parts:
+        lines += [
+            "",
+            f"| export under a writer (median (max) of {reps}) | value |",
+            "|---|---:|",
+            f"| export wall (s) | {mm('export_s', '{:.2f}')} |",
+            f"| hold_ms | {mm('hold_ms')} |",
+            f"| writes_held | {mm('writes_held')} |",
+            f"| recopied | {mm('recopied')} |",
+            f"| writer's calls during the export | {mm('writer_calls')} |",
+            f"| writer's longest call during the export (ms) | "
+            f"{mm('writer_max_ms', '{:.1f}')} |",
+            f"| writer's longest call in the second before (ms) | "
+            f"{mm('writer_max_before_ms', '{:.1f}')} |",
+        ]
+    lines += [
         "",
         "Throughput: the volume's ciphertext bytes over wall time (the CLI's, from its start "
         "to its exit; tar's including `sync`), caches dropped before each. Peak RSS: polled "
-        "every 50 ms (VmHWM in brackets).",
+        "every 50 ms, the kernel's high-water mark in brackets.",
     ]
     return "\n".join(lines)
 
@@ -479,6 +539,8 @@ def main() -> int:
     p.add_argument("--dir", default="/var/tmp",
                    help="where the state dirs, bundles and tars go (one disk; not tmpfs "
                         "unless that is what you want to measure)")
+    p.add_argument("--only", help=f"comma-separated parts of {','.join(PARTS)} (import needs "
+                                  "export)")
     p.add_argument("--json", help="write results here (default benchmarks/results/…)")
     p.add_argument("--markdown", help="also write the table as Markdown here")
     args = p.parse_args()
@@ -486,12 +548,15 @@ def main() -> int:
         p.error("run as root (FUSE mounts with allow_other, drop_caches)")
     size = int((args.size_gib or (0.5 if args.quick else 4.0)) * (1 << 30))
     reps = args.reps or (1 if args.quick else 3)
+    parts = tuple(args.only.split(",")) if args.only else PARTS
+    if not set(parts) <= set(PARTS) or ("import" in parts and "export" not in parts):
+        p.error(f"--only takes parts of {','.join(PARTS)}; import needs export")
     free = shutil.disk_usage(args.dir).free
     if free < 5 * size + (2 << 30):
         p.error(f"{args.dir}: {free / 2**30:.1f} GiB free, about {5 * size / 2**30:.1f} GiB "
                 "needed (volume, spool, bundle, tar, staged import)")
     with scratch(args.dir) as base:
-        res = run(size, reps, base)
+        res = run(size, reps, base, parts)
     res["machine"] = machine(Path(args.dir))
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res["summary"] = summary(res)

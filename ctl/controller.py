@@ -162,7 +162,13 @@ class Controller:
                     await self._thaw()
                     raise
                 await self._take_down()
-                pending = await self.importer.swap(pending)
+                try:
+                    pending = await self.importer.swap(pending)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self.importer.unswap(pending)
+                        self.volumes.reload()
+                    raise
                 crash_point("import.swapped")
                 self.volumes.reload()
             self.keys.adopt(sdek)

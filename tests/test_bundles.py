@@ -113,6 +113,11 @@ def test_full_export_restores_a_device_with_its_password_or_recovery_key(
     bundle = Path(res["result"]["path"])
     assert bundle.stat().st_mode & 0o777 == 0o600
     assert res["result"]["sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
+    progress = [e["data"] for e in a.events(topic="export_progress")]
+    assert progress and max(p["bytes"] for p in progress) > 0
+    assert progress[-1]["total_bytes"] >= BIG
+    outcome = [e["data"] for e in a.events(topic="export_result")][-1]
+    assert outcome["status"] == "ok" and outcome["sha256"] == res["result"]["sha256"]
     listing = subprocess.run(["tar", "tvf", str(bundle)], capture_output=True, text=True,
                              check=True).stdout.splitlines()
     assert listing[0].endswith("manifest.json") and listing[1].endswith("manifest.hmac")
@@ -168,6 +173,22 @@ def test_two_exports_of_an_unchanged_device_are_identical(devices: Any) -> None:
                         ].count("export") == 3, what="the exports' audit rows")
 
 
+def test_one_export_at_a_time(devices: Any) -> None:
+    a = devices("a")
+    a.setup_and_unlock()
+    _ctl_json(a, "volume", "ensure", "big")
+    _ctl_json(a, "volume", "attach", "big")
+    with open(a.mount("big") / "f", "wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(1 << 20))
+    first = a.call("POST", "/exports", {"kind": "full"})
+    err = a.error("POST", "/exports", {"kind": "control"})
+    assert err.status == 409 and first["id"] in str(err)
+    a.wait_for(lambda: a.call("GET", f"/exports/{first['id']}")["state"] == "done",
+               what="the first export")
+    assert a.call("POST", "/exports", {"kind": "control"})["state"] == "running"
+
+
 def test_export_to_stdout_and_refusals(tmp_path: Path, devices: Any) -> None:
     a = devices("a")
     res = a.ctl("export", "control")
@@ -189,6 +210,8 @@ def test_export_to_stdout_and_refusals(tmp_path: Path, devices: Any) -> None:
     assert res.returncode == 2 and "may not be under" in res.stderr
     res = a.ctl("export", "control", "--volume", "notes")
     assert res.returncode == 2
+    res = a.ctl("export", "control", "--output", str(out))
+    assert res.returncode == 5 and "never overwrites" in res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -557,3 +580,25 @@ def test_an_import_seals_the_bootstrap_key_to_this_tpm(tmp_path: Path) -> None:
         finally:
             a.stop()
             b.stop()
+
+
+def test_a_client_that_is_not_root_reads_and_writes_only_what_it_may(tmp_path: Path) -> None:
+    from ctl.api.bundles import _peer_may_read, _peer_may_write
+    from ctl.api.server import Peer
+    from ctl.errors import Forbidden
+
+    nobody = Peer(pid=1, uid=65534, gid=65534)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x")
+    secret.chmod(0o600)
+    with pytest.raises(Forbidden):
+        _peer_may_read(nobody, secret)
+    _peer_may_read(Peer(pid=1, uid=0, gid=0), secret)
+    secret.chmod(0o644)
+    _peer_may_read(nobody, secret)
+    with pytest.raises(Forbidden):
+        _peer_may_write(nobody, tmp_path / "out.pcv")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    os.chown(mine, 65534, 65534)
+    _peer_may_write(nobody, mine / "out.pcv")

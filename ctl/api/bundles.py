@@ -8,6 +8,7 @@ follows (`GET .../{id}` or the `*_progress` / `*_result` events). The older daem
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,13 @@ from typing import Any
 import trio
 
 from ctl.api.routes import API, BOOL, NAME, OBJ, STR, Route, _body, _enum, _out, _query
-from ctl.api.server import Request, Response, Stream
+from ctl.api.server import Peer, Request, Response, Stream
 from ctl.bundles import format as fmt
 from ctl.bundles.export import Exporter
 from ctl.bundles.imports import Importer
 from ctl.bundles.jobs import Job, Jobs
 from ctl.controller import Controller
-from ctl.errors import Conflict, Failed, NotFound
+from ctl.errors import Conflict, Failed, Forbidden, NotFound
 
 MAX_PATH = 4096
 PATH = {"type": "string", "minLength": 1, "maxLength": MAX_PATH, "pattern": "^/"}
@@ -50,6 +51,8 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
 
     async def export_start(req: Request) -> Response:
         body = req.json()
+        if body.get("output"):
+            _peer_may_write(req.peer, Path(body["output"]))
         plan = exporter.plan(body["kind"], body.get("volumes") or [], body.get("output"),
                              req.peer.client)
         return Response(200, exporter.start(plan).to_json())
@@ -87,12 +90,17 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
     async def import_start(req: Request) -> Response:
         if req.upload is not None:  # the bundle is the body: answered once it is staged
             args = _query(UPLOAD_QUERY, req)
+            if args["keyset"]:
+                _peer_may_read(req.peer, Path(args["keyset"]))
             source = importer.plan(None, args["keyset"], args["force"] == "true",
                                    req.peer.client, upload=req.upload)
             job = importer.start(source)
             await job.done.wait()
             return Response(200, job.to_json())
         body = req.json()
+        for given in (body["path"], body.get("keyset")):
+            if given:
+                _peer_may_read(req.peer, Path(given))
         source = importer.plan(body["path"], body.get("keyset"), bool(body.get("force")),
                                req.peer.client)
         return Response(200, importer.start(source).to_json())
@@ -115,7 +123,8 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
     return [
         Route("POST", e, export_start,
               "Start an export (kind control: bootstrap and control; full: those and the "
-              "application volumes, or the ones listed); answers with the job", JOB, started,
+              "application volumes, or the ones listed); answers with the job. An `output` "
+              "that exists is refused (never overwritten)", JOB, started,
               EXPORT_BODY),
         Route("GET", e, export_list, "Past exports (time, kind, size, SHA-256, revision) and "
               "the running job", listing),
@@ -142,6 +151,31 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
               "Drop the staged import; the previous state stays (or comes back)",
               _out(["id", "status"], id=STR, status=STR), (404, 409)),
     ]
+
+
+def _peer_may_read(peer: Peer, path: Path) -> None:
+    """The daemon reads as root: a client that is not reads only what it could read."""
+    if peer.uid == 0:
+        return
+    try:
+        st = path.stat()
+    except OSError:
+        return  # the import itself reports a missing file
+    if not (st.st_uid == peer.uid or st.st_mode & stat.S_IROTH
+            or (st.st_gid == peer.gid and st.st_mode & stat.S_IRGRP)):
+        raise Forbidden(f"{path} is not readable by uid {peer.uid}")
+
+
+def _peer_may_write(peer: Peer, path: Path) -> None:
+    """... and writes a bundle only into a directory the client owns."""
+    if peer.uid == 0:
+        return
+    try:
+        owner = path.parent.stat().st_uid
+    except OSError:
+        return  # the export itself reports a missing directory
+    if owner != peer.uid:
+        raise Forbidden(f"{path.parent} is not owned by uid {peer.uid}")
 
 
 def _failed(error: dict[str, str]) -> Exception:

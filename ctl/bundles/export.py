@@ -151,8 +151,8 @@ class Exporter:
             if dest.is_relative_to(inside):
                 raise InvalidInput(f"output may not be under {inside}: an export holds the "
                                    "volumes it reads, and would wait for itself")
-        if dest.is_dir():
-            raise InvalidInput(f"output {dest} is a directory")
+        if dest.exists() or dest.is_symlink():
+            raise Conflict(f"{dest} exists: an export never overwrites a file")
         return dest
 
     def start(self, plan: Plan) -> Job:
@@ -425,7 +425,10 @@ def _assemble(dest: Path, job_id: str, spool: Spool, manifest: bytes, sig: bytes
             tmp.unlink()
         raise
     os.close(fd)
-    os.rename(tmp, dest)
+    try:
+        os.link(tmp, dest)  # published whole, and never over a file that appeared meanwhile
+    finally:
+        tmp.unlink()
     fsync_dir(dest.parent)
     sidecar = fmt.sidecar_line(digest.hexdigest(), dest.name).encode()
     write_atomic(Path(f"{dest}.sha256"), sidecar, 0o600)

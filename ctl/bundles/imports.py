@@ -97,7 +97,10 @@ class _UploadReader:
 
     def read(self, n: int = -1) -> bytes:
         while not self.ended and (n < 0 or len(self.buf) < n):
-            chunk = trio.from_thread.run(self.upload.receive)
+            try:
+                chunk = trio.from_thread.run(self.upload.receive)
+            except OSError as exc:  # the client left or stalled mid-way
+                raise fmt.BundleError("truncated", str(exc)) from None
             if not chunk:
                 self.ended = True
             self.buf += chunk
