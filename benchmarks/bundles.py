@@ -377,7 +377,7 @@ def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dic
             print(f"  under a writer: hold {hold['hold_ms']} ms, {hold['writes_held']} held, "
                   f"{hold['recopied']} recopied, writer's longest call "
                   f"{hold['writer_max_ms']:.0f} ms at +{at:.1f} s of {t1 - t0:.1f} s, "
-                  f"copy until ≈+{hold['copy_s']:.1f} s (before: "
+                  f"copy until ≈+{hold['copy_s'] or float('nan'):.1f} s (before: "
                   f"{hold['writer_max_before_ms']:.0f} ms)", flush=True)
         with contextlib.suppress(FileNotFoundError):
             dest.unlink()

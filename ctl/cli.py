@@ -5,12 +5,14 @@ people by default and JSON with `--json`. Exit codes tell scripts what happened:
 0 ok, 1 failed, 2 usage or invalid input, 3 locked, 4 not found, 5 refused (wrong secret,
 conflict, not leader, busy, too many attempts), 6 daemon unreachable; a bundle refused by
 an import: 7 malformed or unsafe, 8 damaged (a checksum differs), 9 of an unsupported
-format or version, 10 not authentic (its manifest fails the HMAC), 11 no space to stage it.
+format or version, 10 not authentic (its manifest fails the HMAC, or its keys do not open
+with its keyset), 11 no space (to stage it, or to write an export).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import getpass
 import http.client
@@ -32,8 +34,8 @@ BAD_BUNDLE, DAMAGED_BUNDLE, UNSUPPORTED_BUNDLE, FORGED_BUNDLE, NO_SPACE = range(
 _BUNDLE_EXIT = {"bundle_bad_checksum": DAMAGED_BUNDLE, "bundle_size_mismatch": DAMAGED_BUNDLE,
                 "bundle_future_version": UNSUPPORTED_BUNDLE,
                 "bundle_not_a_bundle": UNSUPPORTED_BUNDLE,
-                "bundle_hmac_mismatch": FORGED_BUNDLE, "bundle_bad_volume": FORGED_BUNDLE,
-                "bundle_no_space": NO_SPACE}
+                "bundle_hmac_mismatch": FORGED_BUNDLE, "bundle_key_mismatch": FORGED_BUNDLE,
+                "bundle_no_space": NO_SPACE, "no_space": NO_SPACE}
 PROGRESS_POLL = 0.25
 _STATUS_EXIT = {400: USAGE, 422: USAGE, 431: USAGE, 401: REFUSED, 403: REFUSED,
                 404: NOT_FOUND, 405: USAGE, 409: REFUSED, 423: LOCKED, 429: REFUSED,
@@ -116,6 +118,13 @@ class ApiError(Exception):
         self.body = body
 
 
+def _answer(status: int, data: bytes) -> Any:
+    parsed = json.loads(data) if data.strip() else {}
+    if status >= 300:
+        raise ApiError(status, parsed)
+    return parsed
+
+
 class Client:
     def __init__(self, socket_path: str, timeout: float | None = 300.0) -> None:
         self.socket_path = socket_path
@@ -161,10 +170,7 @@ class Client:
             data = resp.read()
         finally:
             conn.close()
-        parsed = json.loads(data) if data.strip() else {}
-        if resp.status >= 300:
-            raise ApiError(resp.status, parsed)
-        return parsed
+        return _answer(resp.status, data)
 
     def stream(self, path: str) -> Iterator[dict[str, Any]]:
         conn, resp = self._request("GET", path, None, timeout=None)
@@ -183,17 +189,16 @@ class Client:
         """POST a binary body (a bundle) as it is read, chunked; returns the JSON answer."""
         conn = self._conn(None)
         try:
-            conn.request("POST", "/api/v1" + path, body=chunks, encode_chunked=True,
-                         headers={"Content-Type": "application/x-tar",
-                                  "Transfer-Encoding": "chunked"})
+            # Refused before the body ended: the answer is already waiting to be read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request("POST", "/api/v1" + path, body=chunks, encode_chunked=True,
+                             headers={"Content-Type": "application/x-tar",
+                                      "Transfer-Encoding": "chunked"})
             resp = conn.getresponse()
             data = resp.read()
         finally:
             conn.close()
-        parsed = json.loads(data) if data.strip() else {}
-        if resp.status >= 300:
-            raise ApiError(resp.status, parsed)
-        return parsed
+        return _answer(resp.status, data)
 
     def download(self, path: str, out: Any) -> int:
         """Copy a binary body (a bundle) to `out`; returns the bytes written."""

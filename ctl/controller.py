@@ -104,18 +104,10 @@ class Controller:
                 await self.keys.unlock_with_recovery(recovery_key, client)
             else:
                 await self.keys.unlock(password or b"", client)
-            attached: list[str] = []
             try:
-                await self._bring_up_core(attached)
-                await self.store.open()
-            except BaseException as exc:
-                with trio.CancelScope(shield=True):
-                    await self.store.close()
-                await self._roll_back(attached)
-                self.keys.lock()
-                if isinstance(exc, CtlError):
-                    raise Failed(f"unlock failed, rolled back: {exc.message}") from None
-                raise
+                await self._come_up()
+            except CtlError as exc:
+                raise Failed(f"unlock failed, rolled back: {exc.message}") from None
             problems = await self.volumes.reconcile(
                 only={v["id"] for v in self.volumes.list()} - set(CORE))
             if problems:
@@ -173,15 +165,10 @@ class Controller:
                 self.volumes.reload()
             self.keys.adopt(sdek)
             adopted = True
-            attached: list[str] = []
             try:
-                await self._bring_up_core(attached)
-                await self.store.open()
+                await self._come_up()
             except BaseException as exc:
                 with trio.CancelScope(shield=True):
-                    await self.store.close()
-                    await self._roll_back(attached)
-                    self.keys.lock()
                     await self.volumes.detach_all(lazy=True)
                     await self.importer.unswap(pending)
                     self.volumes.reload()
@@ -189,7 +176,9 @@ class Controller:
                                                        "reason": _message(exc)})
                 if isinstance(exc, CtlError):
                     raise Failed(f"the imported state did not come up ({exc.message}); the "
-                                 "previous state is back in place, locked") from None
+                                 "previous state is back in place, locked, and the import "
+                                 "stays staged: unlock again, or `piccoloctl import abort` "
+                                 "to drop it") from None
                 raise
             await self.volumes.reconcile(only={v["id"] for v in self.volumes.list()} - set(CORE))
             self.bus.publish("lock_state_changed", {"locked": False})
@@ -283,6 +272,20 @@ class Controller:
             return {"name": name, "status": "failed", "detail": exc.message}
         return {"name": name, "status": "ok",
                 "detail": f"bootstrap key sealed to this TPM (PCRs {pcrs})"}
+
+    async def _come_up(self) -> None:
+        """Core volumes, then the store, with the SDEK held; all or nothing: on failure
+        what this attempt mounted is rolled back and the SDEK forgotten."""
+        attached: list[str] = []
+        try:
+            await self._bring_up_core(attached)
+            await self.store.open()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.store.close()
+                await self._roll_back(attached)
+            self.keys.lock()
+            raise
 
     async def _bring_up_core(self, attached: list[str]) -> None:
         for vid, cls in CORE.items():

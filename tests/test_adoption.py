@@ -117,7 +117,7 @@ def test_go_state_dir_is_adopted(tmp_path: Path) -> None:
     try:
         d.start()
         assert d.call("GET", "/crypto/status") == {"initialized": True, "locked": True,
-                                                      "bootstrap": None}
+                                                      "bootstrap": None, "import": None}
         assert d.call("GET", "/crypto/recovery-key") == {"present": True}
         j = d.journal("control")
         assert j["observed_state"] == "pending" and j["generation"] == 8  # continues the count

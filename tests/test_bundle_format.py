@@ -781,3 +781,17 @@ def test_go_tar_truncation_and_trailing_data() -> None:
         assert code_of(lambda cut=cut: go_members(tar[:cut])) == "truncated", cut
     assert code_of(lambda: go_members(tar + b"junk")) == "unexpected_entry"
     assert code_of(lambda: go_members(go_tar([("control", b"0", 0o600, b"")]))) == "bad_type"
+
+
+def test_a_time_before_1970_round_trips_and_gnu_tar_reads_it(tmp_path: Path) -> None:
+    old = -(86400 * 365 * 10) * 10**9 - 250_000_000  # 1960, and a quarter of a second
+    items = [*sample()[:3], node(CTL, "dir"), file(f"{CTL}/zz-old", b"old", mtime_ns=old)]
+    data = build(items)
+    got = dict((e.path, e) for e, _ in read_all(data))
+    assert got[f"{CTL}/zz-old"].mtime_ns == old
+    path = tmp_path / "old.pcv"
+    path.write_bytes(data)
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["tar", "--no-same-owner", "-xf", str(path), "-C", str(out)], check=True)
+    assert os.stat(out / CTL / "zz-old").st_mtime_ns == old

@@ -324,6 +324,10 @@ def test_force_import_over_a_device_in_use_keeps_the_old_state_until_unlock(
     b.call("PUT", "/store/apps/b-app", {"Version": "1"})
     res = b.ctl("import", str(bundle))
     assert res.returncode == 5 and "--force" in res.stderr
+    with open(bundle, "rb") as f:  # refused before its body is read: the answer still comes
+        res = subprocess.run([*b.ctl_argv(), "import", "-"], stdin=f, capture_output=True,
+                             text=True, timeout=120)
+    assert res.returncode == 5 and "--force" in res.stderr, res.stderr
     _ctl_json(b, "import", str(bundle), "--force")
     # Staged: the old state serves on, its control store read-only.
     assert (b.mount("mine") / "keep").read_bytes() == b"b data"
@@ -344,6 +348,17 @@ def test_force_import_over_a_device_in_use_keeps_the_old_state_until_unlock(
     assert not any((b.state / "imports").glob("*/previous"))
 
 
+def _restart_to_crash_at(d: Daemon, point: str, password: str) -> None:
+    """Restart `d` so that it dies (SIGKILL, as a power cut) at `point`; unlock it."""
+    d.stop(release=False)
+    os.environ["PICCOLO_TEST_CRASH_AT"] = point
+    try:
+        d.start()
+    finally:
+        del os.environ["PICCOLO_TEST_CRASH_AT"]
+    d.call("POST", "/crypto/unlock", {"password": password})
+
+
 CRASH_POINTS = ["import.extracted", "import.staged", "import.swap.0", "import.swap.1",
                 "import.swap.2", "import.swapped", "import.up"]
 
@@ -356,13 +371,7 @@ def test_a_crash_at_any_step_of_an_import_leaves_one_whole_state(
     b.call("POST", "/crypto/setup", {"password": "b's own"})
     b.call("POST", "/crypto/unlock", {"password": "b's own"})
     b.call("PUT", "/store/apps/b-app", {"Version": "1"})
-    b.stop(release=False)
-    os.environ["PICCOLO_TEST_CRASH_AT"] = point
-    try:
-        b.start()
-    finally:
-        del os.environ["PICCOLO_TEST_CRASH_AT"]
-    b.call("POST", "/crypto/unlock", {"password": "b's own"})
+    _restart_to_crash_at(b, point, "b's own")
     b.ctl("import", str(bundle), "--force")
     b.ctl("unlock", input=PASSWORD + "\n")
     assert b.proc is not None and b.proc.wait(timeout=60) is not None
@@ -392,13 +401,7 @@ def test_a_crash_during_an_export_leaves_no_bundle_and_the_device_unlocks(
     a = devices("a")
     a.setup_and_unlock()
     _fill(a)
-    a.stop(release=False)
-    os.environ["PICCOLO_TEST_CRASH_AT"] = point
-    try:
-        a.start()
-    finally:
-        del os.environ["PICCOLO_TEST_CRASH_AT"]
-    a.call("POST", "/crypto/unlock", {"password": PASSWORD})
+    _restart_to_crash_at(a, point, PASSWORD)
     a.ctl("export", "full")
     assert a.proc is not None and a.proc.wait(timeout=60) is not None
     a.proc = None

@@ -41,10 +41,10 @@ def _topics(events: list[dict[str, object]]) -> list[str]:
 
 def test_setup_unlock_mounts_bootstrap_then_control(daemon: Daemon) -> None:
     assert daemon.call("GET", "/crypto/status") == {"initialized": False, "locked": False,
-                                                       "bootstrap": None}
+                                                       "bootstrap": None, "import": None}
     daemon.call("POST", "/crypto/setup", {"password": PASSWORD})
     assert daemon.call("GET", "/crypto/status") == {"initialized": True, "locked": True,
-                                                       "bootstrap": None}
+                                                       "bootstrap": None, "import": None}
     keyset = daemon.state / "crypto" / "keyset.json"
     assert keyset.stat().st_mode & 0o777 == 0o600
     assert (daemon.state / "crypto").stat().st_mode & 0o777 == 0o700

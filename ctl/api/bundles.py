@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from ctl.api.routes import API, BOOL, NAME, OBJ, STR, Route, _body, _enum, _out, _query
-from ctl.api.server import Peer, Request, Response, Stream
+from ctl.api.server import Peer, Request, Response, Stream, groups_of
 from ctl.bundles import format as fmt
 from ctl.bundles.export import Exporter
 from ctl.bundles.imports import Importer
@@ -162,20 +162,25 @@ def _peer_may_read(peer: Peer, path: Path) -> None:
     except OSError:
         return  # the import itself reports a missing file
     if not (st.st_uid == peer.uid or st.st_mode & stat.S_IROTH
-            or (st.st_gid == peer.gid and st.st_mode & stat.S_IRGRP)):
+            or (st.st_gid in _groups(peer) and st.st_mode & stat.S_IRGRP)):
         raise Forbidden(f"{path} is not readable by uid {peer.uid}")
 
 
 def _peer_may_write(peer: Peer, path: Path) -> None:
-    """... and writes a bundle only into a directory the client owns."""
+    """... and writes a bundle only into a directory it owns, or may write as a group."""
     if peer.uid == 0:
         return
     try:
-        owner = path.parent.stat().st_uid
+        st = path.parent.stat()
     except OSError:
         return  # the export itself reports a missing directory
-    if owner != peer.uid:
-        raise Forbidden(f"{path.parent} is not owned by uid {peer.uid}")
+    if not (st.st_uid == peer.uid
+            or (st.st_gid in _groups(peer) and st.st_mode & stat.S_IWGRP)):
+        raise Forbidden(f"{path.parent} is not writable by uid {peer.uid}")
+
+
+def _groups(peer: Peer) -> set[int]:
+    return {peer.gid} | groups_of(peer.pid)
 
 
 def _failed(error: dict[str, str]) -> Exception:

@@ -195,7 +195,7 @@ def peer_credentials(sock: trio.socket.SocketType) -> Peer:
     return Peer(pid, uid, gid)
 
 
-def _groups_of(pid: int) -> set[int]:
+def groups_of(pid: int) -> set[int]:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -282,7 +282,7 @@ class ApiServer:
         if peer.uid in (0, os.geteuid()):
             return True
         return self._group >= 0 and (peer.gid == self._group
-                                     or self._group in _groups_of(peer.pid))
+                                     or self._group in groups_of(peer.pid))
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import trio
 
 from ctl.bundles import format as fmt
-from ctl.bundles.jobs import Job, Jobs, crash_point
+from ctl.bundles.jobs import Job, Jobs, Runner, crash_point
 from ctl.bundles.snapshot import Blob, SnapshotError, Spool, TreeCopy
 from ctl.errors import Conflict, CtlError, Failed, InvalidInput, Locked, NotInitialized
 from ctl.events import EventBus, utc_now
@@ -50,10 +50,6 @@ log = logging.getLogger("ctl.bundles.export")
 CORE = (BOOTSTRAP, CONTROL)
 HISTORY_KEEP = 256
 TEMP_NAME = re.compile(r"\.(spool|part)-[0-9a-f]{16}$")
-
-
-class ExportError(Failed):
-    code = "export_failed"
 
 
 def device_id(paths: Paths) -> str:
@@ -78,7 +74,7 @@ class Plan:
     client: str
 
 
-class Exporter:
+class Exporter(Runner):
     def __init__(self, paths: Paths, keys: KeyManager, volumes: VolumeManager,
                  store: ControlStore, bus: EventBus, jobs: Jobs,
                  tpm_info: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
@@ -89,14 +85,6 @@ class Exporter:
         self.bus = bus
         self.jobs = jobs
         self.tpm_info = tpm_info
-        self._nursery: trio.Nursery | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
 
     # -- starting ------------------------------------------------------------------------
     def plan(self, kind: str, volume_ids: Sequence[str], output: str | None,
@@ -151,15 +139,15 @@ class Exporter:
             if dest.is_relative_to(inside):
                 raise InvalidInput(f"output may not be under {inside}: an export holds the "
                                    "volumes it reads, and would wait for itself")
-        if dest.exists() or dest.is_symlink():
-            raise Conflict(f"{dest} exists: an export never overwrites a file")
+        for taken in (dest, Path(f"{dest}.sha256")):
+            if taken.exists() or taken.is_symlink():
+                raise Conflict(f"{taken} exists: an export never overwrites a file")
         return dest
 
     def start(self, plan: Plan) -> Job:
-        assert self._nursery is not None
         job = self.jobs.begin(Job("export", plan.kind, plan.client))
         job.result["path"] = str(plan.dest)
-        self._nursery.start_soon(self._run, job, plan)
+        self.spawn(self._run, job, plan)
         return job
 
     # -- the run -------------------------------------------------------------------------
@@ -168,6 +156,8 @@ class Exporter:
             nursery.start_soon(self.jobs.report, job)
             try:
                 result = await self._export(job, plan)
+            except fmt.BundleError as exc:  # a tree the format cannot describe
+                self._failed(job, plan, "unexportable", exc.message)
             except CtlError as exc:
                 self._failed(job, plan, exc.code, exc.message)
             except SnapshotError as exc:

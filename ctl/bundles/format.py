@@ -235,7 +235,7 @@ def _check_entry_fields(e: Entry) -> None:
     _check_int(e.mode, 0, 0o10000, f"{what}: mode")
     _check_int(e.uid, 0, 2**32, f"{what}: uid")
     _check_int(e.gid, 0, 2**32, f"{what}: gid")
-    _check_int(e.mtime_ns, 0, MAX_MTIME_NS, f"{what}: mtime_ns")
+    _check_int(e.mtime_ns, -MAX_MTIME_NS, MAX_MTIME_NS, f"{what}: mtime_ns")
     if e.type == "file":
         _check_int(e.size, 0, 2**63, f"{what}: size")
         if not isinstance(e.sha256, str) or not _HEX64.fullmatch(e.sha256):
@@ -644,7 +644,10 @@ def entry_header(entry: Entry) -> bytes:
         records["uid"] = str(entry.uid).encode("ascii")
     if entry.gid >= 8**7:
         records["gid"] = str(entry.gid).encode("ascii")
-    if ns:
+    if entry.mtime_ns < 0:  # before 1970: sign and magnitude, as GNU tar reads it
+        records["mtime"] = b"-%d.%09d" % divmod(-entry.mtime_ns, 10**9)
+        sec = 0
+    elif ns:
         records["mtime"] = b"%d.%09d" % (sec, ns)
     block = _ustar_block(name[:100], entry.mode, 0 if "uid" in records else entry.uid,
                          0 if "gid" in records else entry.gid, 0 if "size" in records else size,
@@ -794,8 +797,8 @@ def _parse_pax(data: bytes, allowed: frozenset[str], offset: int) -> dict[str, b
     return out
 
 
-_PAX_MTIME_STRICT = re.compile(rb"(0|[1-9][0-9]*)(?:\.([0-9]{9}))?")
-_PAX_MTIME_LOOSE = re.compile(rb"(-?[0-9]+)(?:\.([0-9]*))?")
+_PAX_MTIME_STRICT = re.compile(rb"(-?)(0|[1-9][0-9]*)(?:\.([0-9]{9}))?")
+_PAX_MTIME_LOOSE = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
 
 
 def _apply_pax(m: _Member, pax: Mapping[str, bytes], strict: bool) -> None:
@@ -823,8 +826,9 @@ def _apply_pax(m: _Member, pax: Mapping[str, bytes], strict: bool) -> None:
         match = (_PAX_MTIME_STRICT if strict else _PAX_MTIME_LOOSE).fullmatch(pax["mtime"])
         if match is None:
             raise _fail("bad_header", f"{where}: malformed mtime")
-        frac = (match.group(2) or b"")[:9].ljust(9, b"0")
-        m.mtime_ns = int(match.group(1)) * 10**9 + int(frac)
+        frac = (match.group(3) or b"")[:9].ljust(9, b"0")
+        magnitude = int(match.group(2)) * 10**9 + int(frac)
+        m.mtime_ns = -magnitude if match.group(1) else magnitude
 
 
 def _next_member(src: _Source, pax_keys: frozenset[str], gnu: bool) -> _Member | None:

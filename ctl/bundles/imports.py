@@ -39,7 +39,7 @@ import trio
 
 from ctl.bundles import format as fmt
 from ctl.bundles.goenvelope import GoEnvelope, GoTarReader
-from ctl.bundles.jobs import Job, Jobs, crash_point
+from ctl.bundles.jobs import Job, Jobs, Runner, crash_point
 from ctl.errors import (
     Conflict,
     CtlError,
@@ -223,13 +223,12 @@ def _data_rel(path: str) -> str:
     return path
 
 
-class Importer:
+class Importer(Runner):
     def __init__(self, paths: Paths, keys: KeyManager, bus: EventBus, jobs: Jobs) -> None:
         self.paths = paths
         self.keys = keys
         self.bus = bus
         self.jobs = jobs
-        self._nursery: trio.Nursery | None = None
         self.on_staged: list[Any] = []  # callbacks(pending) once a bundle is staged
 
     @property
@@ -242,13 +241,6 @@ class Importer:
 
     def _work(self, job_id: str) -> Path:
         return self.root / job_id
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
 
     # -- the pending import ------------------------------------------------------------
     def pending(self) -> dict[str, Any] | None:
@@ -330,9 +322,8 @@ class Importer:
             self.root.rmdir()  # only when empty: made by this import
 
     def start(self, source: Source) -> Job:
-        assert self._nursery is not None
         job = self.jobs.begin(Job("import", "bundle", source.client))
-        self._nursery.start_soon(self._stage, job, source)
+        self.spawn(self._stage, job, source)
         return job
 
     async def _stage(self, job: Job, source: Source) -> None:
@@ -643,6 +634,6 @@ def _verify(work: Path, pending: dict[str, Any], sdek: bytes) -> None:
             key = VolumeMeta.parse((folder / "piccolo.volume.json").read_bytes()).unseal(sdek)
             key[:] = bytes(len(key))
         except Exception:
-            raise BundleRejected("bad_volume", f"volume {vid}: its key does not open with the "
-                                 "bundle's keyset; nothing was changed") from None
+            raise BundleRejected("key_mismatch", f"volume {vid}: its key does not open with "
+                                 "the bundle's keyset; nothing was changed") from None
 

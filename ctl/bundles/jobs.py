@@ -114,3 +114,20 @@ class Jobs:
             if now != last and not job.done.is_set():
                 self.bus.publish(topic, job.progress())
                 last = now
+
+
+class Runner:
+    """Owns the nursery that a kind of job runs in (started with the daemon)."""
+
+    _nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def spawn(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None, "not running"
+        self._nursery.start_soon(fn, *args)
