@@ -128,6 +128,13 @@ def ctl_json(d: Daemon, *args: str, input: str | None = None) -> Any:
     return json.loads(res.stdout) if res.stdout.strip() else None
 
 
+def remove_bundle(dest: Path) -> None:
+    """A bundle and its sidecar (an export never overwrites either)."""
+    for path in (dest, Path(f"{dest}.sha256")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, timeout=CLI_TIMEOUT)
 
@@ -270,8 +277,7 @@ def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dic
             pids["mount"] = mp
 
         def ours_export() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                dest.unlink()
+            remove_bundle(dest)
             drop_caches()
             with RssPoller(pids) as rss:
                 t, job = timed(lambda: ctl_json(a, "export", "full", "--output", str(dest)))
@@ -350,8 +356,7 @@ def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dic
             peer.unlink()
 
         for _ in range(reps if "writer" in parts else 0):
-            with contextlib.suppress(FileNotFoundError):
-                dest.unlink()
+            remove_bundle(dest)
             drop_caches()
             w = Writer(a.mount(VOL) / "busy")
             thread = threading.Thread(target=w.run)
@@ -379,8 +384,7 @@ def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dic
                   f"{hold['writer_max_ms']:.0f} ms at +{at:.1f} s of {t1 - t0:.1f} s, "
                   f"copy until ≈+{hold['copy_s'] or float('nan'):.1f} s (before: "
                   f"{hold['writer_max_before_ms']:.0f} ms)", flush=True)
-        with contextlib.suppress(FileNotFoundError):
-            dest.unlink()
+        remove_bundle(dest)
     finally:
         a.stop()
     return {"cipher_bytes": cbytes, "size": size, "reps": reps, "parts": list(parts),

@@ -28,7 +28,7 @@ from ctl.bootstrap.assets import Assets
 from ctl.bootstrap.tpm import BootstrapTpm
 from ctl.bundles.imports import BundleRejected, Importer
 from ctl.bundles.jobs import crash_point
-from ctl.errors import CtlError, Failed, Locked, NotFound, NotInitialized
+from ctl.errors import Conflict, CtlError, Failed, Locked, NotFound, NotInitialized
 from ctl.events import EventBus
 from ctl.keys.manager import KeyManager
 from ctl.paths import BOOTSTRAP, CONTROL
@@ -86,36 +86,43 @@ class Controller:
 
     async def unlock(self, *, password: bytes | None = None, recovery_key: str | None = None,
                      client: str) -> None:
-        pending = self.importer.pending() if self.importer else None
-        if pending is not None:
-            async with self._transition:
-                pending = await self._unlock_import(pending, password, recovery_key, client)
-            await self._after_unlock(client)
-            await self._finish_import(pending, client)
-            return
+        imported = None
         async with self._transition:
-            if not self.keys.initialized:
-                raise NotInitialized("not initialized: run setup first")
-            if not self.keys.locked:
-                # Already unlocked: still a check of the secret, never a free "ok".
-                await self.keys.verify(password, recovery_key, client)
-                return
-            if recovery_key is not None:
-                await self.keys.unlock_with_recovery(recovery_key, client)
-            else:
-                await self.keys.unlock(password or b"", client)
-            try:
-                await self._come_up()
-            except CtlError as exc:
-                raise Failed(f"unlock failed, rolled back: {exc.message}") from None
-            problems = await self.volumes.reconcile(
-                only={v["id"] for v in self.volumes.list()} - set(CORE))
-            if problems:
-                log.warning("unlocked; volumes needing repair: %s", ", ".join(problems))
-            self.bus.publish("lock_state_changed", {"locked": False})
+            pending = self.importer.pending() if self.importer else None
+            if pending is not None:
+                imported = await self._unlock_import(pending, password, recovery_key, client)
+            elif not await self._unlock_locked(password, recovery_key, client):
+                return  # it was unlocked already: the secret was checked, nothing else
         # Outside the transition: these touch the bootstrap mount, which must never be able
         # to hold lock or shutdown hostage.
         await self._after_unlock(client)
+        if imported is not None:
+            await self._finish_import(imported, client)
+
+    async def _unlock_locked(self, password: bytes | None, recovery_key: str | None,
+                             client: str) -> bool:
+        """The plain unlock (no import pending), under the transition lock; False when the
+        device was unlocked already."""
+        if not self.keys.initialized:
+            raise NotInitialized("not initialized: run setup first")
+        if not self.keys.locked:
+            # Already unlocked: still a check of the secret, never a free "ok".
+            await self.keys.verify(password, recovery_key, client)
+            return False
+        if recovery_key is not None:
+            await self.keys.unlock_with_recovery(recovery_key, client)
+        else:
+            await self.keys.unlock(password or b"", client)
+        try:
+            await self._come_up()
+        except CtlError as exc:
+            raise Failed(f"unlock failed, rolled back: {exc.message}") from None
+        problems = await self.volumes.reconcile(
+            only={v["id"] for v in self.volumes.list()} - set(CORE))
+        if problems:
+            log.warning("unlocked; volumes needing repair: %s", ", ".join(problems))
+        self.bus.publish("lock_state_changed", {"locked": False})
+        return True
 
     async def _after_unlock(self, client: str) -> None:
         """Steps that need the SDEK and the store but must never undo an unlock."""
@@ -153,16 +160,24 @@ class Controller:
                     await self.importer.discard(pending, "failed", exc.message, client)
                     await self._thaw()
                     raise
+                if self.importer.jobs.running is not None:
+                    raise Conflict(f"an {self.importer.jobs.running.type} is running: unlock "
+                                   "the import once it has ended")
                 await self._take_down()
+                still = [v for v in self.volumes.attached()]
+                if still:
+                    await self._thaw()
+                    raise Failed(f"volumes still attached ({', '.join(still)}): nothing was "
+                                 "swapped; the import stays staged")
                 try:
                     pending = await self.importer.swap(pending)
+                    crash_point("import.swapped")
+                    self.volumes.reload()
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         await self.importer.unswap(pending)
                         self.volumes.reload()
                     raise
-                crash_point("import.swapped")
-                self.volumes.reload()
             self.keys.adopt(sdek)
             adopted = True
             try:
@@ -215,7 +230,7 @@ class Controller:
             if pending is None:
                 raise NotFound("no import pending")
             if pending["phase"] != "staged":
-                await self.volumes.detach_all(lazy=True)
+                await self._take_down()  # the imported state may be up: all of it goes
             await self.importer.discard(pending, "aborted", "aborted by the operator", client)
             if pending["phase"] != "staged":
                 self.volumes.reload()
@@ -230,7 +245,12 @@ class Controller:
         for hook in hooks:
             if hook["status"] == "failed":
                 log.warning("import rebuild hook %s failed: %s", hook["name"], hook["detail"])
-        await self.importer.finish(pending, hooks, client)
+        async with self._transition:
+            current = self.importer.pending()
+            if (current is None or current["id"] != pending["id"]
+                    or current["phase"] != "swapped" or self.keys.locked):
+                return  # aborted or locked meanwhile: not ours to complete any more
+            await self.importer.finish(pending, hooks, client)
 
     async def _hook_assets(self) -> dict[str, Any]:
         """The pre-unlock assets, rewritten onto this device's bootstrap volume under its
@@ -307,7 +327,15 @@ class Controller:
                 except Exception as exc:
                     log.error("rollback: detaching %s failed: %s", vid, exc)
 
+    def _cancel_job(self, reason: str, *types: str) -> None:
+        jobs = self.importer.jobs if self.importer else None
+        if jobs is not None and jobs.running is not None and jobs.running.type in types:
+            jobs.cancel(reason)
+
     async def lock(self) -> None:
+        # An export signs with the SDEK and holds each volume while copying it: it stops
+        # (within one chunk) rather than hold the key in memory past a lock.
+        self._cancel_job("the device is locking", "export")
         async with self._transition:
             if not self.keys.initialized:
                 raise NotInitialized("not initialized")
@@ -321,6 +349,7 @@ class Controller:
 
     async def shutdown(self) -> None:
         """SIGTERM: detach everything (intent kept for the next start), forget keys."""
+        self._cancel_job("the daemon is stopping", "export", "import")
         async with self._transition:
             with trio.CancelScope(shield=True):
                 await self.store.close()

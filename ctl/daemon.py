@@ -124,7 +124,8 @@ async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval:
     tpm = BootstrapTpm(paths, keys, volumes, bus, tpm_tcti)
     assets = Assets(paths, volumes, store, bus)
     controller = Controller(keys, volumes, bus, registry, store, tpm, assets, importer)
-    exporter = Exporter(paths, keys, volumes, store, bus, jobs, tpm.enrolment)
+    exporter = Exporter(paths, keys, volumes, store, bus, jobs, tpm.enrolment,
+                        importer.pending)
     api = Api(controller, volumes, bus, registry, store)
     api.add_routes(bootstrap_routes(controller, tpm, assets, bus))
     api.add_routes(bundle_routes(controller, exporter, importer, jobs))

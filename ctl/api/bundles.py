@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -39,6 +39,8 @@ UPLOAD_QUERY = {"force": {**_enum(("true", "false")), "default": "false",
                                          "device's state"},
                 "keyset": {**PATH, "description": "with an older envelope sent as the body"}}
 CHUNK = 1 << 20
+PATH_TIMEOUT = 10.0
+T = TypeVar("T")
 
 
 def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer,
@@ -51,15 +53,16 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
 
     async def export_start(req: Request) -> Response:
         body = req.json()
-        if body.get("output"):
-            _peer_may_write(req.peer, Path(body["output"]))
-        plan = exporter.plan(body["kind"], body.get("volumes") or [], body.get("output"),
-                             req.peer.client)
+        if body.get("output") and req.peer.uid != 0:
+            raise Forbidden("only root chooses where a bundle is written: export to the "
+                            "state dir and download it (piccoloctl export ... --output -)")
+        plan = await exporter.plan(body["kind"], body.get("volumes") or [],
+                                   body.get("output"), req.peer.client)
         return Response(200, exporter.start(plan).to_json())
 
     def alias(kind: str) -> Any:
         async def run(req: Request) -> Response:
-            job = exporter.start(exporter.plan(kind, [], None, req.peer.client))
+            job = exporter.start(await exporter.plan(kind, [], None, req.peer.client))
             await job.done.wait()
             if job.error:
                 raise Conflict(job.error["message"]) if job.error["code"] == "conflict" \
@@ -77,6 +80,8 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
 
     async def export_bundle(req: Request) -> Stream:
         job = job_of(req, "export")
+        if req.peer.uid != 0 and job.client != req.peer.client:
+            raise Forbidden("a bundle is sent to root or to the client that made it")
         if job.state != "done":
             raise Conflict(f"export {job.id} is {job.state}: no bundle to send")
         path = Path(job.result["path"])
@@ -91,18 +96,18 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
         if req.upload is not None:  # the bundle is the body: answered once it is staged
             args = _query(UPLOAD_QUERY, req)
             if args["keyset"]:
-                _peer_may_read(req.peer, Path(args["keyset"]))
-            source = importer.plan(None, args["keyset"], args["force"] == "true",
-                                   req.peer.client, upload=req.upload)
+                await _off_loop(_peer_may_read, req.peer, Path(args["keyset"]))
+            source = await _off_loop(importer.plan, None, args["keyset"],
+                                     args["force"] == "true", req.peer.client, req.upload)
             job = importer.start(source)
             await job.done.wait()
             return Response(200, job.to_json())
         body = req.json()
         for given in (body["path"], body.get("keyset")):
             if given:
-                _peer_may_read(req.peer, Path(given))
-        source = importer.plan(body["path"], body.get("keyset"), bool(body.get("force")),
-                               req.peer.client)
+                await _off_loop(_peer_may_read, req.peer, Path(given))
+        source = await _off_loop(importer.plan, body["path"], body.get("keyset"),
+                                 bool(body.get("force")), req.peer.client)
         return Response(200, importer.start(source).to_json())
 
     async def import_status(req: Request) -> Response:
@@ -166,21 +171,18 @@ def _peer_may_read(peer: Peer, path: Path) -> None:
         raise Forbidden(f"{path} is not readable by uid {peer.uid}")
 
 
-def _peer_may_write(peer: Peer, path: Path) -> None:
-    """... and writes a bundle only into a directory it owns, or may write as a group."""
-    if peer.uid == 0:
-        return
-    try:
-        st = path.parent.stat()
-    except OSError:
-        return  # the export itself reports a missing directory
-    if not (st.st_uid == peer.uid
-            or (st.st_gid in _groups(peer) and st.st_mode & stat.S_IWGRP)):
-        raise Forbidden(f"{path.parent} is not writable by uid {peer.uid}")
-
-
 def _groups(peer: Peer) -> set[int]:
     return {peer.gid} | groups_of(peer.pid)
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """A step that touches paths a client named: in a thread, bounded, since a path on a
+    dead or hostile mount could otherwise hang the whole daemon."""
+    try:
+        with trio.fail_after(PATH_TIMEOUT):
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise Failed(f"a path given did not answer within {PATH_TIMEOUT:.0f} s") from None
 
 
 def _failed(error: dict[str, str]) -> Exception:

@@ -20,6 +20,7 @@ removes; never a partial bundle under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -49,6 +50,7 @@ log = logging.getLogger("ctl.bundles.export")
 
 CORE = (BOOTSTRAP, CONTROL)
 HISTORY_KEEP = 256
+PATH_TIMEOUT = 10.0
 TEMP_NAME = re.compile(r"\.(spool|part)-[0-9a-f]{16}$")
 
 
@@ -77,7 +79,8 @@ class Plan:
 class Exporter(Runner):
     def __init__(self, paths: Paths, keys: KeyManager, volumes: VolumeManager,
                  store: ControlStore, bus: EventBus, jobs: Jobs,
-                 tpm_info: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 tpm_info: Callable[[], dict[str, Any] | None] = lambda: None,
+                 import_pending: Callable[[], object] = lambda: None) -> None:
         self.paths = paths
         self.keys = keys
         self.volumes = volumes
@@ -85,10 +88,11 @@ class Exporter(Runner):
         self.bus = bus
         self.jobs = jobs
         self.tpm_info = tpm_info
+        self.import_pending = import_pending
 
     # -- starting ------------------------------------------------------------------------
-    def plan(self, kind: str, volume_ids: Sequence[str], output: str | None,
-             client: str) -> Plan:
+    async def plan(self, kind: str, volume_ids: Sequence[str], output: str | None,
+                   client: str) -> Plan:
         """Check a request before anything starts; every refusal is one clear error."""
         if kind not in fmt.KINDS:
             raise InvalidInput(f"kind must be one of {', '.join(fmt.KINDS)}")
@@ -99,6 +103,8 @@ class Exporter(Runner):
         if self.jobs.running is not None:
             running = self.jobs.running
             raise Conflict(f"an {running.type} is already running (job {running.id})")
+        if self.import_pending():
+            raise Conflict("an import is staged: unlock it or abort it before exporting")
         if not self.store.healthy:
             raise Conflict(f"the control store is not healthy ({self.store.health['message']})"
                            ": repair it before exporting")
@@ -118,7 +124,13 @@ class Exporter(Runner):
         for vid in CORE:
             if vid not in known:
                 raise Conflict(f"volume {vid} does not exist yet")
-        return Plan(kind, chosen, self._destination(kind, output), client)
+        try:  # a path on a dead or hostile mount must not hang the daemon
+            with trio.fail_after(PATH_TIMEOUT):
+                dest = await trio.to_thread.run_sync(self._destination, kind, output,
+                                                     abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise Failed(f"{output} did not answer within {PATH_TIMEOUT:.0f} s") from None
+        return Plan(kind, chosen, dest, client)
 
     def _destination(self, kind: str, output: str | None) -> Path:
         if output is None:
@@ -193,7 +205,8 @@ class Exporter(Runner):
         await trio.to_thread.run_sync(_remove_stale_temps, dest)
         job.total_bytes, job.total_files = await trio.to_thread.run_sync(
             _estimate, [self.paths.cipher(v) for v in plan.volumes])
-        spool = Spool(f"{dest}.spool-{job.id}")
+        spool = await trio.to_thread.run_sync(Spool, f"{dest}.spool-{job.id}",
+                                              lambda: job.cancelled)
         try:
             keyset = await trio.to_thread.run_sync(self._copy_keyset, spool, job)
             trees: list[tuple[str, TreeCopy]] = []
@@ -213,8 +226,9 @@ class Exporter(Runner):
             entries: list[tuple[fmt.Entry, Blob | None]] = [keyset]
             for vid, tree in sorted(trees):
                 entries.extend(_entries(vid, tree))
+            source = await trio.to_thread.run_sync(device_id, self.paths)
             manifest = fmt.Manifest(
-                kind=plan.kind, source_device=device_id(self.paths),
+                kind=plan.kind, source_device=source,
                 store=fmt.StoreRef(int(store_state["revision"]), str(store_state["checksum"]))
                 if store_state else None,
                 volumes=[self._intent(v) for v in sorted(plan.volumes)],
@@ -224,7 +238,8 @@ class Exporter(Runner):
             size, digest = await trio.to_thread.run_sync(
                 _assemble, dest, job.id, spool, body, sig, entries, job)
         finally:
-            spool.close()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(spool.close)  # unlinking gigabytes takes time
         finished = utc_now()
         result = {"path": str(dest), "kind": plan.kind, "size": size, "sha256": digest,
                   "volumes": plan.volumes, "files": len(entries),
@@ -330,6 +345,30 @@ def _estimate(roots: list[Path]) -> tuple[int, int]:
     return total, files
 
 
+def _publish(tmp: Path, dest: Path) -> None:
+    """Give the finished bundle its name — whole, and never over a file that appeared
+    meanwhile: a hard link where the filesystem has them, else a rename after a check (a
+    FAT or exFAT backup drive)."""
+    try:
+        os.link(tmp, dest)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST,):
+            tmp.unlink()
+            raise Conflict(f"{dest} appeared meanwhile: an export never overwrites a file") \
+                from None
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV,
+                             errno.ENOSYS):
+            tmp.unlink()
+            raise
+        if dest.exists() or dest.is_symlink():
+            tmp.unlink()
+            raise Conflict(f"{dest} appeared meanwhile: an export never overwrites a file") \
+                from None
+        os.rename(tmp, dest)
+        return
+    tmp.unlink()
+
+
 def _tpm_policy(info: dict[str, Any] | None) -> fmt.TpmPolicy | None:
     return None if info is None else fmt.TpmPolicy(tuple(info["pcrs"]), bool(info["pin"]))
 
@@ -415,10 +454,7 @@ def _assemble(dest: Path, job_id: str, spool: Spool, manifest: bytes, sig: bytes
             tmp.unlink()
         raise
     os.close(fd)
-    try:
-        os.link(tmp, dest)  # published whole, and never over a file that appeared meanwhile
-    finally:
-        tmp.unlink()
+    _publish(tmp, dest)
     fsync_dir(dest.parent)
     sidecar = fmt.sidecar_line(digest.hexdigest(), dest.name).encode()
     write_atomic(Path(f"{dest}.sha256"), sidecar, 0o600)

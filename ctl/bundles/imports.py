@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ from ctl.bundles.jobs import Job, Jobs, Runner, crash_point
 from ctl.errors import (
     Conflict,
     CtlError,
+    Failed,
     ImportPending,
     InvalidInput,
     NotFound,
@@ -59,7 +61,7 @@ from piccolofs.atomic import fsync_dir, write_atomic
 log = logging.getLogger("ctl.bundles.import")
 
 COMPONENTS = ("crypto", "ciphertext", "volumes")
-MAX_PENDING = 64 * 1024
+MAX_PENDING = 16 * 1024 * 1024
 MAX_KEYSET = 64 * 1024
 GO_INTENTS = {BOOTSTRAP: "bootstrap", CONTROL: "control"}
 
@@ -154,6 +156,8 @@ class Extractor:
         (staged / "ciphertext").mkdir(mode=0o700)
 
     def _target(self, rel: str) -> Path:
+        if self.job.cancelled:
+            raise Failed(f"cancelled: {self.job.cancelled}")
         parent = rel.rpartition("/")[0]
         if parent not in self.dirs:
             raise BundleRejected("unsafe_path", f"{rel}: its parent is not a directory of "
@@ -204,7 +208,22 @@ class Extractor:
             os.chown(path, uid, gid, follow_symlinks=False)
             os.chmod(path, mode, follow_symlinks=False)
             os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
-        os.sync()
+        _syncfs(self.staged)
+
+
+def _syncfs(path: Path) -> None:
+    """Everything staged to disk: syncfs(2) of the state dir's filesystem only (a host-wide
+    sync could wait on some other, dead, mount)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _set_xattrs(target: int | str, xattrs: dict[str, str] | None) -> None:
@@ -279,9 +298,12 @@ class Importer(Runner):
         stagings that never completed."""
         if not self.root.exists():
             return
-        pending = None
-        with contextlib.suppress(StateCorrupt):
+        try:
             pending = self.pending()
+        except StateCorrupt as exc:
+            # Never guess: the work dirs may hold the only copy of the previous state.
+            log.error("import record unusable, imports left as they are: %s", exc.message)
+            return
         if pending is not None and pending["phase"] == "swapping":
             log.warning("import %s: a swap was interrupted; putting the previous state back",
                         pending["id"])
@@ -357,7 +379,10 @@ class Importer(Runner):
                                            "error": error["message"]})
                 return
             for callback in self.on_staged:
-                await callback(record)
+                try:
+                    await callback(record)
+                except Exception:  # the import stays staged whatever a listener does
+                    log.exception("after staging import %s", job.id)
             result = {"status": "staged", **{k: record[k] for k in (
                 "kind", "format", "volumes", "source_device", "store_revision")}}
             self.jobs.finish(job, result=result)
@@ -374,7 +399,7 @@ class Importer(Runner):
         where = (base / "staged" if pending["phase"] == "staged" else self.paths.state)
         path = where / "crypto" / "keyset.json"
         try:
-            data = path.read_bytes()[:MAX_KEYSET + 1]
+            data = await trio.to_thread.run_sync(lambda: path.read_bytes()[:MAX_KEYSET + 1])
         except OSError as exc:
             raise StateCorrupt(path, f"cannot be read: {exc.strerror}") from None
         return await self.keys.open_keyset(path, data, password, recovery_key, client)
@@ -415,6 +440,7 @@ class Importer(Runner):
         """Put the previous state back (idempotent: any point of a swap rolls back)."""
         work = self._work(pending["id"])
         staged, previous = work / "staged", work / "previous"
+        self._set_pending({**pending, "phase": "swapping"})  # a crash from here rolls back
         staged.mkdir(mode=0o700, exist_ok=True)
         for name in COMPONENTS:
             live, before = self.paths.state / name, previous / name

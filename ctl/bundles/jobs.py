@@ -48,6 +48,7 @@ class Job:
     total_files: int = 0
     result: dict[str, Any] = field(default_factory=dict)
     error: dict[str, str] | None = None
+    cancelled: str | None = None  # why the job must stop (its copy checks between chunks)
     done: trio.Event = field(default_factory=trio.Event)
     _t0: float = field(default_factory=time.monotonic)
 
@@ -84,6 +85,13 @@ class Jobs:
         if self.running is not None and self.running.id == job_id:
             return self.running
         return self._finished.get(job_id)
+
+    def cancel(self, reason: str) -> Job | None:
+        """Ask the running job to stop (lock, shutdown); it ends within one chunk."""
+        job = self.running
+        if job is not None:
+            job.cancelled = reason
+        return job
 
     def begin(self, job: Job) -> Job:
         self.running = job

@@ -96,8 +96,9 @@ class Spool:
     """The append-only temp file beside the destination that holds copied file data until
     the bundle is assembled (ciphertext only, mode 0600)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, stop: Callable[[], str | None] = lambda: None) -> None:
         self.path = path
+        self.stop = stop
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.end = 0
         self._buf = bytearray(CHUNK)
@@ -107,6 +108,9 @@ class Spool:
         offset, h, view = self.end, hashlib.sha256(), memoryview(self._buf)
         with open(src_fd, "rb", buffering=0, closefd=False) as src:
             while True:
+                reason = self.stop()
+                if reason:
+                    raise SnapshotError(f"cancelled: {reason}")
                 n = src.readinto(view)
                 if not n:
                     break
@@ -139,7 +143,6 @@ class TreeCopy:
         self.children: dict[str, set[str]] = {}
         self.blobs: dict[tuple[int, int], Blob] = {}
         self.suspects: set[str] = set()
-        self._force: set[str] | None = set()  # None: every file
         self.recopied = 0
         self.skipped: set[str] = set()
 
@@ -149,9 +152,13 @@ class TreeCopy:
 
     def _copy_file(self, rel: str) -> Node | None:
         try:
-            fd = os.open(self._path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
+            # O_NONBLOCK: a FIFO swapped in since the listing must not block the copy.
+            fd = os.open(self._path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK | os.O_NOCTTY)
+        except (FileNotFoundError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ELOOP, errno.ENXIO):
+                return None  # gone or replaced: the parent's rescan under hold sees it
+            raise
         try:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
@@ -188,6 +195,9 @@ class TreeCopy:
 
     def _add(self, rel: str) -> None:
         """Copy the object at `rel` and, for a directory, everything below it."""
+        reason = self.spool.stop()
+        if reason:
+            raise SnapshotError(f"cancelled: {reason}")
         path = self._path(rel)
         try:
             st = os.lstat(path)
@@ -198,8 +208,10 @@ class TreeCopy:
         elif stat.S_ISLNK(st.st_mode):
             try:
                 target = _text(os.readlink(os.fsencode(path)))
-            except FileNotFoundError:
-                return
+            except (FileNotFoundError, OSError) as exc:
+                if isinstance(exc, FileNotFoundError) or exc.errno == errno.EINVAL:
+                    return  # replaced since the lstat: the parent's rescan sees it
+                raise
             node = Node("symlink", (st.st_dev, st.st_ino), 0o777, st.st_uid, st.st_gid,
                         st.st_mtime_ns, target=target)
         elif stat.S_ISDIR(st.st_mode):
@@ -240,19 +252,21 @@ class TreeCopy:
     def refresh(self, dirty: Iterable[str] | None) -> None:
         """Step two, under hold: what changed since step one (None: anything may have)."""
         suspects, self.suspects = self.suspects, set()
-        if dirty is None:
-            # Overflow: the mount stopped counting. File times are only as fine as the
-            # kernel's tick, so an unchanged time proves nothing: copy every file again.
-            targets, self._force = set(self.nodes), None
-        else:
-            targets = set(dirty) | suspects
-            self._force = set(targets)
-        try:
-            for rel in sorted(targets, key=lambda r: (r.count("/"), r)):
-                if rel in self.nodes:
-                    self._refresh_one(rel)  # new paths are found by their parent's rescan
-        finally:
-            self._force = set()
+        targets = set(self.nodes) if dirty is None else set(dirty) | suspects
+        # Data is kept per inode, so what changed is dropped by inode: a file written and
+        # then moved (or also reached by another hard link) is copied again under whatever
+        # name reaches it now, never served from step one. File times are only as fine as
+        # the kernel's tick, so an unchanged time proves nothing here.
+        for rel in targets:
+            node = self.nodes.get(rel)
+            if node is not None and node.kind == "file":
+                self.blobs.pop(node.key, None)
+        for rel in sorted(targets, key=lambda r: (r.count("/"), r)):
+            if rel in self.nodes:
+                self._refresh_one(rel)  # new paths are found by their parent's rescan
+        for rel, node in list(self.nodes.items()):
+            if node.kind == "file" and node.key not in self.blobs and rel in self.nodes:
+                self._readd(rel)  # another name of a changed file, reached by no rescan
 
     def _refresh_one(self, rel: str, deep: bool = True) -> None:
         """Bring one node up to date; `deep`: a directory is listed again (it was reported
@@ -274,8 +288,7 @@ class TreeCopy:
                 self._rescan(rel)
         elif node.kind == "file":
             blob = self.blobs.get(node.key)
-            forced = self._force is None or rel in self._force
-            if blob is None or blob.sig != _sig(st) or forced:
+            if blob is None or blob.sig != _sig(st):
                 self.blobs.pop(node.key, None)
                 self._readd(rel)
         else:

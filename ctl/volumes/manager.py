@@ -236,7 +236,8 @@ class VolumeManager:
         vol = self._get(volume_id)
         async with vol.lock:
             child = vol.child
-            writable = child is not None and not child.read_only and not child.draining
+            writable = (child is not None and not child.read_only
+                        and not child.exited.is_set())
             yield child if writable else None
 
     async def fsck(self, volume_id: str) -> dict[str, Any]:
@@ -269,13 +270,18 @@ class VolumeManager:
 
     def reload(self) -> None:
         """Read the journals anew (the state dir was replaced by an import). Only with
-        nothing attached."""
-        if any(v.child is not None or v.draining is not None for v in self._vols.values()):
+        nothing attached; a draining mount process keeps its supervisor."""
+        if self.attached():
             raise Conflict("volumes are still attached")
         for vol in self._vols.values():
             self._cancel_retry(vol)
         self._vols = {}
         self._load()
+
+    def attached(self) -> builtins.list[str]:
+        """Volumes mounted by a process of ours (not counting lazily detached ones that
+        still serve files held open: they are no longer reachable by path)."""
+        return sorted(v.id for v in self._vols.values() if v.child is not None)
 
     def is_attached(self, volume_id: str) -> bool:
         vol = self._vols.get(volume_id)
