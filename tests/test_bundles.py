@@ -189,6 +189,25 @@ def test_one_export_at_a_time(devices: Any) -> None:
     assert a.call("POST", "/exports", {"kind": "control"})["state"] == "running"
 
 
+def test_lock_stops_a_running_export(devices: Any) -> None:
+    a = devices("a")
+    a.setup_and_unlock()
+    _ctl_json(a, "volume", "ensure", "big")
+    _ctl_json(a, "volume", "attach", "big")
+    with open(a.mount("big") / "f", "wb") as f:
+        for _ in range(512):
+            f.write(os.urandom(1 << 20))
+    job = a.call("POST", "/exports", {"kind": "full"})
+    t0 = time.monotonic()
+    _ctl_json(a, "lock")
+    locked_after = time.monotonic() - t0
+    done = a.call("GET", f"/exports/{job['id']}")
+    assert done["state"] == "failed" and "locking" in done["error"]["message"], done
+    assert not list((a.state / "exports" / "full").glob("*.pcv"))
+    assert not [p for p in (a.state / "exports" / "full").iterdir() if "spool" in p.name]
+    print(f"lock returned {locked_after:.2f} s into a 512 MiB export")
+
+
 def test_export_to_stdout_and_refusals(tmp_path: Path, devices: Any) -> None:
     a = devices("a")
     res = a.ctl("export", "control")

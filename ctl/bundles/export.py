@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from typing import Any
 import trio
 
 from ctl.bundles import format as fmt
+from ctl.bundles.hashing import Hasher
 from ctl.bundles.jobs import Job, Jobs, Runner, crash_point
 from ctl.bundles.snapshot import Blob, SnapshotError, Spool, TreeCopy
 from ctl.errors import Conflict, CtlError, Failed, InvalidInput, Locked, NotInitialized
@@ -413,18 +413,18 @@ def _assemble(dest: Path, job_id: str, spool: Spool, manifest: bytes, sig: bytes
     """Write the bundle beside `dest`, sync it, rename it into place; (size, sha256)."""
     tmp = dest.parent / f"{dest.name}.part-{job_id}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    digest = hashlib.sha256()
+    hasher = Hasher()  # the whole bundle's SHA-256, alongside the copy
     offset = 0
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
 
-    def put(data: bytes | memoryview) -> None:
+    def put(data: bytes | bytearray, n: int = -1) -> None:
         nonlocal offset
-        digest.update(data)
-        done = 0
-        while done < len(data):
-            done += os.write(fd, data[done:])
-        offset += len(data)
+        size = len(data) if n < 0 else n
+        with memoryview(data) as view:
+            done = 0
+            while done < size:
+                done += os.write(fd, view[done:size])
+        hasher.feed(data if n >= 0 else bytes(data), n)  # a pool buffer goes back once hashed
+        offset += size
 
     try:
         for name, data in ((fmt.MANIFEST_NAME, manifest), (fmt.HMAC_NAME, sig)):
@@ -437,15 +437,19 @@ def _assemble(dest: Path, job_id: str, spool: Spool, manifest: bytes, sig: bytes
             if blob is not None:
                 pos, left = blob.offset, blob.size
                 while left:
-                    n = os.preadv(spool.fd, [view[:min(left, len(buf))]], pos)
+                    buf = hasher.buffer()
+                    with memoryview(buf) as view:
+                        n = os.preadv(spool.fd, [view[:min(left, len(buf))]], pos)
                     if n <= 0:
+                        hasher.give_back(buf)
                         raise OSError(5, "the export spool ended early", spool.path)
-                    put(view[:n])
+                    put(buf, n)
                     pos += n
                     left -= n
                     job.add(n)
                 put(fmt.pad(blob.size))
         put(fmt.end_of_archive(offset))
+        digest = hasher.digest()
         os.fsync(fd)
         crash_point("export.assembled")
     except BaseException:
@@ -453,9 +457,11 @@ def _assemble(dest: Path, job_id: str, spool: Spool, manifest: bytes, sig: bytes
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    finally:
+        hasher.close()
     os.close(fd)
     _publish(tmp, dest)
     fsync_dir(dest.parent)
-    sidecar = fmt.sidecar_line(digest.hexdigest(), dest.name).encode()
+    sidecar = fmt.sidecar_line(digest, dest.name).encode()
     write_atomic(Path(f"{dest}.sha256"), sidecar, 0o600)
-    return offset, digest.hexdigest()
+    return offset, digest

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ctl.bundles.hashing import Hasher
 from ctl.errors import InvalidInput
 from ctl.paths import BOOTSTRAP, CONTROL
 from ctl.volumes.metadata import CLASSES, CLUSTER_MODES, FOLLOWER_POLICIES
@@ -875,9 +876,11 @@ class _Chunks:
     """A file's data, streamed; its SHA-256 (when known) is checked before the last chunk
     is handed out, and whatever the caller leaves unread is read and checked by finish()."""
 
-    def __init__(self, src: _Source, name: str, size: int, sha256: str | None) -> None:
+    def __init__(self, src: _Source, name: str, size: int, sha256: str | None,
+                 hasher: Hasher | None = None) -> None:
         self._src, self._name, self._remaining = src, name, size
         self._size, self._sha256 = size, sha256
+        self._hasher = hasher  # hashes while the caller writes the chunk it was given
         self._hash = hashlib.sha256()
         self._done = False
 
@@ -890,7 +893,10 @@ class _Chunks:
             raise StopIteration
         data = self._src.read_exact(min(CHUNK, self._remaining), f"the data of {self._name!r}")
         self._remaining -= len(data)
-        self._hash.update(data)
+        if self._hasher is not None:
+            self._hasher.feed(data)
+        else:
+            self._hash.update(data)
         if self._remaining == 0:
             self._complete()
         return data
@@ -903,7 +909,8 @@ class _Chunks:
         if self._done:
             return
         self._done = True
-        if self._sha256 is not None and self._hash.hexdigest() != self._sha256:
+        digest = self._hasher.digest() if self._hasher else self._hash.hexdigest()
+        if self._sha256 is not None and digest != self._sha256:
             raise _fail("bad_checksum", f"{self._name!r}: SHA-256 of its data does not match "
                         "the manifest")
         self._src.skip_padding(self._size, f"the data of {self._name!r}")
@@ -982,18 +989,22 @@ class Reader:
             raise RuntimeError("a bundle's entries can be read only once")
         self._iterating = True
         index = {e.path: i for i, e in enumerate(manifest.entries)}
-        for i, entry in enumerate(manifest.entries):
-            m = _next_member(self._src, _PAX_KEYS, gnu=False)
-            if m is None:
-                raise _fail("truncated", f"the archive ends before entry {entry.path!r}")
-            _check_member(m, entry, i, index)
-            if entry.type == "file":
-                chunks = _Chunks(self._src, entry.path, m.size, entry.sha256)
-                yield entry, chunks
-                chunks.finish()
-            else:
-                yield entry, None
-        _finish_archive(self._src)
+        hasher = Hasher()
+        try:
+            for i, entry in enumerate(manifest.entries):
+                m = _next_member(self._src, _PAX_KEYS, gnu=False)
+                if m is None:
+                    raise _fail("truncated", f"the archive ends before entry {entry.path!r}")
+                _check_member(m, entry, i, index)
+                if entry.type == "file":
+                    chunks = _Chunks(self._src, entry.path, m.size, entry.sha256, hasher)
+                    yield entry, chunks
+                    chunks.finish()
+                else:
+                    yield entry, None
+            _finish_archive(self._src)
+        finally:
+            hasher.close()
 
     def _read_fixed(self, name: str, first: bool) -> bytes:
         """manifest.json or manifest.hmac: a plain member with the fixed header fields."""

@@ -18,11 +18,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+from ctl.bundles.hashing import Hasher
 
 CHUNK = 1 << 20
 MAX_XATTRS = 64
@@ -101,31 +103,43 @@ class Spool:
         self.stop = stop
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.end = 0
-        self._buf = bytearray(CHUNK)
+        self.hasher = Hasher()
 
     def append(self, src_fd: int, count: Callable[[int], None]) -> tuple[int, int, str]:
         """Copy `src_fd` to EOF; returns (offset, size, sha256 hex)."""
-        offset, h, view = self.end, hashlib.sha256(), memoryview(self._buf)
-        with open(src_fd, "rb", buffering=0, closefd=False) as src:
-            while True:
-                reason = self.stop()
-                if reason:
-                    raise SnapshotError(f"cancelled: {reason}")
-                n = src.readinto(view)
-                if not n:
-                    break
-                h.update(view[:n])
+        offset = self.end
+        try:
+            with open(src_fd, "rb", buffering=0, closefd=False) as src:
+                while self._copy_chunk(src, count):
+                    pass
+        except BaseException:
+            self.hasher.digest()  # the next file starts afresh
+            raise
+        return offset, self.end - offset, self.hasher.digest()
+
+    def _copy_chunk(self, src: Any, count: Callable[[int], None]) -> bool:
+        reason = self.stop()
+        if reason:
+            raise SnapshotError(f"cancelled: {reason}")
+        buf = self.hasher.buffer()
+        n = 0
+        try:
+            n = src.readinto(buf) or 0
+            with memoryview(buf) as view:
                 done = 0
                 while done < n:
                     done += os.pwrite(self.fd, view[done:n], self.end + done)
-                self.end += n
-                count(n)
-        return offset, self.end - offset, h.hexdigest()
+        finally:
+            self.hasher.feed(buf, n)  # hashed while the next chunk is read and written
+        self.end += n
+        count(n)
+        return n > 0
 
     def close(self, remove: bool = True) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            self.hasher.close()
         if remove:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
