@@ -291,6 +291,9 @@ def run(cfg: Config, master_key: bytearray, opts: MountOptions) -> int:
     ops = PiccoloOperations(volume, root_fd, read_only=opts.read_only, timeout=opts.timeout)
     session = Session(ops, opts)
     ops._report = session.report
+    if not hasattr(pyfuse3.Operations, "fallocate"):
+        log.info("this pyfuse3 has no fallocate or lseek handlers (packaging/pyfuse3 adds "
+                 "them): fallocate(2) answers EOPNOTSUPP, SEEK_DATA/SEEK_HOLE see no holes")
     pyfuse3.init(ops, opts.mountpoint, _fuse_options(opts))
     ops.requests.install(opts.spin_us)
     try:

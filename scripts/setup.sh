@@ -8,7 +8,7 @@ VENV="${PICCOLOFS_VENV:-$REPO/.venv}"
 # libtss2-dev builds tpm2-pytss (the TPM-sealed bootstrap key); swtpm and tpm2-tools give
 # the tests a software TPM; etcd-server is the consensus engine of a cluster (the tests start
 # their own members on loopback).
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gocryptfs gcc python3 python3-venv python3-dev
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config patch gocryptfs gcc python3 python3-venv python3-dev
               fio sqlite3 util-linux procps e2fsprogs libtss2-dev swtpm swtpm-tools tpm2-tools
               etcd-server etcd-client)
 
@@ -56,5 +56,24 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         | grep -v "^WARNING: Location" >&2 || true
     "$VENV/bin/python" -c 'import pyfuse3, trio, nacl, piccolofs' 
     echo "$want" > "$stamp"
+fi
+# pyfuse3 with the fallocate and lseek handlers (packaging/pyfuse3): built from the pinned,
+# checked sdist plus the patch. A build that fails keeps the stock pyfuse3, which piccolofs
+# detects at run time (fallocate then answers EOPNOTSUPP, as before).
+pstamp="$VENV/.pyfuse3-patched"
+pwant="$(cat "$REPO/packaging/pyfuse3/build.sh" "$REPO"/packaging/pyfuse3/*.patch \
+         | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$pstamp" ] || [ "$(cat "$pstamp")" != "$pwant" ] \
+        || ! "$VENV/bin/python" -c 'import pyfuse3; pyfuse3.Operations.fallocate' 2>/dev/null; then
+    out="$(mktemp -d)"
+    echo "setup: building pyfuse3 with fallocate/lseek (packaging/pyfuse3)" >&2
+    if bash "$REPO/packaging/pyfuse3/build.sh" --python "$VENV/bin/python" "$out" >/dev/null \
+            && "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps \
+                --force-reinstall "$out"/pyfuse3-*.whl >&2; then
+        echo "$pwant" > "$pstamp"
+    else
+        echo "setup: the patched pyfuse3 did not build; keeping the stock one" >&2
+    fi
+    rm -rf "$out"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -12,6 +12,7 @@ import errno
 import os
 from collections.abc import Iterator
 
+from piccolofs.backing import syscalls
 from piccolofs.format.content import (
     HEADER_LEN,
     PLAIN_BLOCK,
@@ -74,6 +75,50 @@ class CryptFile:
     # -- sizes ---------------------------------------------------------------------------
     def plain_size(self, fd: int) -> int:
         return self.layout.plain_size(os.fstat(fd).st_size)
+
+    # -- allocation and holes ------------------------------------------------------------
+    def allocate(self, fd: int, plain_off: int, length: int, keep_size: bool) -> None:
+        """fallocate(2) modes 0 and KEEP_SIZE, as gocryptfs does them: the backing blocks of
+        the range are reserved (without changing the backing size); mode 0 then grows the
+        file to the range's end, which writes the (encrypted) zeros a grow needs."""
+        start, size = self.layout.cipher_range(plain_off, length)
+        syscalls.fallocate(fd, syscalls.FALLOC_FL_KEEP_SIZE, start, size)
+        if not keep_size and plain_off + length > self.plain_size(fd):
+            self.truncate(fd, plain_off + length)
+
+    def seek(self, fd: int, plain_off: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE in plaintext offsets, from the backing file's own holes. A
+        block is a hole when all of its backing bytes are (blocks straddle the backing
+        filesystem's blocks), and both answers use that one rule, so that a reader
+        alternating them (cp --sparse) always moves forward."""
+        size = self.plain_size(fd)
+        if plain_off < 0 or plain_off >= size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        lay = self.layout
+        block = plain_off // PLAIN_BLOCK
+        start = lay.block_offset(block)
+        if whence == os.SEEK_DATA:
+            found = os.lseek(fd, start, os.SEEK_DATA)  # ENXIO: nothing but holes after
+            return max(plain_off, lay.block_at(found) * PLAIN_BLOCK)
+        pos = start
+        while True:
+            try:
+                candidate = lay.block_from(os.lseek(fd, pos, os.SEEK_HOLE))
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return size
+                raise
+            if candidate * PLAIN_BLOCK >= size:
+                return size
+            try:
+                data = os.lseek(fd, lay.block_offset(candidate), os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data = None  # a hole up to the end
+            if data is None or data >= lay.block_offset(candidate + 1):
+                return max(plain_off, candidate * PLAIN_BLOCK)
+            pos = data  # the hole ends inside the candidate: look past the data
 
     # -- blocks --------------------------------------------------------------------------
     def _read_blocks(self, fd: int, first: int, last: int,

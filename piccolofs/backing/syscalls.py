@@ -18,6 +18,7 @@ RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
 RENAME_WHITEOUT = 1 << 2
 UTIME_OMIT = (1 << 30) - 2
+FALLOC_FL_KEEP_SIZE = 0x01
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -126,3 +127,9 @@ def fsync_is_free(fd: int) -> bool:
     buf = ctypes.create_string_buffer(256)  # struct statfs, f_type first
     _check(_libc.fstatfs(fd, buf), "fstatfs")
     return ctypes.c_long.from_buffer(buf).value in _MEMORY_FS_MAGIC
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode (os.posix_fallocate has none)."""
+    _check(_libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)),
+           "fallocate")

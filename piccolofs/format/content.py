@@ -95,6 +95,21 @@ class Layout:
         """First and last block numbers touched by a plaintext range (length > 0)."""
         return plain_off // PLAIN_BLOCK, (plain_off + length - 1) // PLAIN_BLOCK
 
+    def cipher_range(self, plain_off: int, length: int) -> tuple[int, int]:
+        """Backing (offset, length) holding the blocks of a plaintext range (length > 0);
+        from 0 when it starts in the first block, so the header is covered too."""
+        first, last = self.block_range(plain_off, length)
+        start = 0 if first == 0 else self.block_offset(first)
+        return start, self.block_offset(last + 1) - start
+
+    def block_at(self, cipher_off: int) -> int:
+        """The block whose backing bytes hold `cipher_off` (the header counts as block 0)."""
+        return max(cipher_off - HEADER_LEN, 0) // self.cipher_block
+
+    def block_from(self, cipher_off: int) -> int:
+        """The first block that starts at or after `cipher_off`."""
+        return -(-max(cipher_off - HEADER_LEN, 0) // self.cipher_block)
+
     def block_count(self, plain_size: int) -> int:
         return (plain_size + PLAIN_BLOCK - 1) // PLAIN_BLOCK
 

@@ -670,6 +670,34 @@ class PiccoloOperations(pyfuse3.Operations):
             raise
 
     @fuse_op
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """Modes 0 and KEEP_SIZE, as gocryptfs; anything else (punching holes, zeroing,
+        collapsing ranges) would need re-encrypting blocks: EOPNOTSUPP, as gocryptfs.
+        Reached only with a pyfuse3 that has the handler (packaging/pyfuse3)."""
+        await self._writable()
+        if mode & ~syscalls.FALLOC_FL_KEEP_SIZE:
+            raise fail(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise fail(errno.EINVAL)
+        h = self._file(fh)
+        if not h.writable:
+            raise fail(errno.EBADF)
+        self.capture.touch(h.ino)
+        cfile = h.ino.cfile
+        assert cfile is not None
+        cfile.allocate(h.fd, offset, length, keep_size=bool(mode))
+
+    @fuse_op
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE (the only ones the kernel sends) on the encrypted layout."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise fail(errno.EINVAL)
+        h = self._file(fh)
+        cfile = h.ino.cfile
+        assert cfile is not None
+        return cfile.seek(h.fd, offset, whence)
+
+    @fuse_op
     async def flush(self, fh: int) -> None:
         self._file(fh)
 
