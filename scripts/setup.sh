@@ -63,7 +63,10 @@ fi
 pstamp="$VENV/.pyfuse3-patched"
 pwant="$(cat "$REPO/packaging/pyfuse3/build.sh" "$REPO"/packaging/pyfuse3/*.patch \
          | sha256sum | cut -d' ' -f1)"
-if [ ! -f "$pstamp" ] || [ "$(cat "$pstamp")" != "$pwant" ] \
+pfailed="$VENV/.pyfuse3-build-failed"  # this patch failed to build here: not retried each run
+if [ "$(cat "$pfailed" 2>/dev/null)" = "$pwant" ] && [ -z "${PICCOLOFS_REBUILD_PYFUSE3:-}" ]; then
+    :
+elif [ ! -f "$pstamp" ] || [ "$(cat "$pstamp")" != "$pwant" ] \
         || ! "$VENV/bin/python" -c 'import pyfuse3; pyfuse3.Operations.fallocate' 2>/dev/null; then
     out="$(mktemp -d)"
     echo "setup: building pyfuse3 with fallocate/lseek (packaging/pyfuse3)" >&2
@@ -71,8 +74,11 @@ if [ ! -f "$pstamp" ] || [ "$(cat "$pstamp")" != "$pwant" ] \
             && "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps \
                 --force-reinstall "$out"/pyfuse3-*.whl >&2; then
         echo "$pwant" > "$pstamp"
+        rm -f "$pfailed"
     else
-        echo "setup: the patched pyfuse3 did not build; keeping the stock one" >&2
+        echo "$pwant" > "$pfailed"
+        echo "setup: the patched pyfuse3 did not build; keeping the stock one" \
+             "(PICCOLOFS_REBUILD_PYFUSE3=1 to try again)" >&2
     fi
     rm -rf "$out"
 fi

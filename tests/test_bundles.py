@@ -201,6 +201,8 @@ def test_lock_stops_a_running_export(devices: Any) -> None:
     t0 = time.monotonic()
     _ctl_json(a, "lock")
     locked_after = time.monotonic() - t0
+    a.wait_for(lambda: a.call("GET", f"/exports/{job['id']}")["state"] != "running",
+               timeout=30, what="the export to stop")
     done = a.call("GET", f"/exports/{job['id']}")
     assert done["state"] == "failed" and "locking" in done["error"]["message"], done
     assert not list((a.state / "exports" / "full").glob("*.pcv"))
@@ -688,3 +690,27 @@ def test_a_fifo_swapped_in_never_blocks_the_copy(tmp_path: Path) -> None:
     t.join(timeout=5)
     assert done.is_set()
     spool.close()
+
+
+def test_the_hashing_thread_hashes_in_order_and_reports_its_failure() -> None:
+    from ctl.bundles.hashing import Hasher
+
+    h = Hasher(buffers=2, size=8)
+    try:
+        for parts in ([b"abc", b"def"], [b""], [b"x" * 100]):
+            for p in parts:
+                buf = h.buffer()
+                if len(p) <= len(buf):
+                    buf[:len(p)] = p
+                    h.feed_buffer(buf, len(p))
+                else:
+                    h.give_back(buf)
+                    h.feed(p)
+            assert h.digest() == hashlib.sha256(b"".join(parts)).hexdigest()
+        h.feed_buffer(object(), 1)  # type: ignore[arg-type]  # what a bug in a caller does
+        with pytest.raises(OSError, match="hashing failed"):
+            h.digest()
+        h.feed(b"again")  # the thread still serves
+        assert h.digest() == hashlib.sha256(b"again").hexdigest()
+    finally:
+        h.close()

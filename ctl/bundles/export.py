@@ -223,6 +223,8 @@ class Exporter(Runner):
                 trees.append((vid, tree))
             job.phase = "writing"
             crash_point("export.copied")
+            if job.cancelled:
+                raise Failed(f"cancelled: {job.cancelled}")
             entries: list[tuple[fmt.Entry, Blob | None]] = [keyset]
             for vid, tree in sorted(trees):
                 entries.extend(_entries(vid, tree))
@@ -412,8 +414,12 @@ def _assemble(dest: Path, job_id: str, spool: Spool, manifest: bytes, sig: bytes
               entries: list[tuple[fmt.Entry, Blob | None]], job: Job) -> tuple[int, str]:
     """Write the bundle beside `dest`, sync it, rename it into place; (size, sha256)."""
     tmp = dest.parent / f"{dest.name}.part-{job_id}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     hasher = Hasher()  # the whole bundle's SHA-256, alongside the copy
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        hasher.close()
+        raise
     offset = 0
 
     def put(data: bytes | bytearray, n: int = -1) -> None:
@@ -423,7 +429,11 @@ def _assemble(dest: Path, job_id: str, spool: Spool, manifest: bytes, sig: bytes
             done = 0
             while done < size:
                 done += os.write(fd, view[done:size])
-        hasher.feed(data if n >= 0 else bytes(data), n)  # a pool buffer goes back once hashed
+        if n >= 0:
+            assert isinstance(data, bytearray)
+            hasher.feed_buffer(data, n)  # a pool buffer: back to the pool once hashed
+        else:
+            hasher.feed(bytes(data))
         offset += size
 
     try:
@@ -437,6 +447,8 @@ def _assemble(dest: Path, job_id: str, spool: Spool, manifest: bytes, sig: bytes
             if blob is not None:
                 pos, left = blob.offset, blob.size
                 while left:
+                    if job.cancelled:
+                        raise Failed(f"cancelled: {job.cancelled}")
                     buf = hasher.buffer()
                     with memoryview(buf) as view:
                         n = os.preadv(spool.fd, [view[:min(left, len(buf))]], pos)

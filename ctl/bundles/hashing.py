@@ -17,16 +17,21 @@ CHUNK = 1 << 20
 class Hasher:
     """SHA-256 computed by a second thread while the caller moves the bytes. hashlib lets
     go of the GIL for large buffers, so on two CPUs hashing overlaps the reads and writes
-    instead of adding to them. Buffers come from a small pool and go back once hashed, so
-    memory stays bounded."""
+    instead of adding to them. Memory stays bounded: buffers come from a small pool and go
+    back once hashed, and the work queue is bounded too (a caller that outruns the hashing
+    waits). A failure in the thread is raised to the caller at the next digest."""
 
     def __init__(self, buffers: int = 4, size: int = CHUNK) -> None:
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._pool: set[int] = set()
         for _ in range(buffers):
-            self._free.put(bytearray(size))
-        self._todo: queue.SimpleQueue[tuple[bytes | bytearray | None, int]] = \
-            queue.SimpleQueue()
+            buf = bytearray(size)
+            self._pool.add(id(buf))
+            self._free.put(buf)
+        self._todo: queue.Queue[tuple[bytes | bytearray | None, int]] = \
+            queue.Queue(maxsize=2 * buffers)
         self._done: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bundle-hash", daemon=True)
         self._thread.start()
 
@@ -39,11 +44,15 @@ class Hasher:
                     return
                 self._done.put(h.hexdigest())
                 h = hashlib.sha256()
-            elif isinstance(data, bytearray):
-                h.update(memoryview(data)[:n])
-                self._free.put(data)
-            else:
-                h.update(data)
+                continue
+            try:
+                if self._error is None:
+                    h.update(memoryview(data)[:n])
+            except BaseException as exc:  # kept for the caller; the loop goes on serving
+                self._error = exc
+            finally:
+                if isinstance(data, bytearray) and id(data) in self._pool:
+                    self._free.put(data)
 
     def buffer(self) -> bytearray:
         return self._free.get()
@@ -51,14 +60,21 @@ class Hasher:
     def give_back(self, buf: bytearray) -> None:
         self._free.put(buf)
 
-    def feed(self, data: bytes | bytearray, n: int = -1) -> None:
-        """A pool buffer (its first `n` bytes; it returns to the pool), or bytes."""
-        self._todo.put((data, n if isinstance(data, bytearray) else len(data)))
+    def feed_buffer(self, buf: bytearray, n: int) -> None:
+        """The first `n` bytes of a pool buffer, which returns to the pool once hashed."""
+        self._todo.put((buf, n))
+
+    def feed(self, data: bytes) -> None:
+        self._todo.put((data, len(data)))
 
     def digest(self) -> str:
         """The hex digest of everything fed since the last one."""
         self._todo.put((None, 0))
-        return self._done.get()
+        digest = self._done.get()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise OSError(5, f"hashing failed: {error!r}")
+        return digest
 
     def close(self) -> None:
         self._todo.put((None, -1))

@@ -180,6 +180,8 @@ class Extractor:
                      0o600)
         try:
             for chunk in chunks:
+                if self.job.cancelled:
+                    raise Failed(f"cancelled: {self.job.cancelled}")
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view):]

@@ -130,7 +130,7 @@ class Spool:
                 while done < n:
                     done += os.pwrite(self.fd, view[done:n], self.end + done)
         finally:
-            self.hasher.feed(buf, n)  # hashed while the next chunk is read and written
+            self.hasher.feed_buffer(buf, n)  # hashed while the next chunk is read, written
         self.end += n
         count(n)
         return n > 0

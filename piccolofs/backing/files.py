@@ -81,6 +81,8 @@ class CryptFile:
         """fallocate(2) modes 0 and KEEP_SIZE, as gocryptfs does them: the backing blocks of
         the range are reserved (without changing the backing size); mode 0 then grows the
         file to the range's end, which writes the (encrypted) zeros a grow needs."""
+        if plain_off + length > MAX_PLAIN_SIZE:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
         start, size = self.layout.cipher_range(plain_off, length)
         syscalls.fallocate(fd, syscalls.FALLOC_FL_KEEP_SIZE, start, size)
         if not keep_size and plain_off + length > self.plain_size(fd):
@@ -99,7 +101,10 @@ class CryptFile:
         start = lay.block_offset(block)
         if whence == os.SEEK_DATA:
             found = os.lseek(fd, start, os.SEEK_DATA)  # ENXIO: nothing but holes after
-            return max(plain_off, lay.block_at(found) * PLAIN_BLOCK)
+            at = max(plain_off, lay.block_at(found) * PLAIN_BLOCK)
+            if at >= size:  # only a fragment too short to be a block: no data
+                raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+            return at
         pos = start
         while True:
             try:
