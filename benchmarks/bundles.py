@@ -50,6 +50,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks.run import publish
 from benchmarks.targets import drop_caches
 from tests.daemon import PASSWORD, Daemon
 
@@ -564,15 +565,7 @@ def main() -> int:
     res["machine"] = machine(Path(args.dir))
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res["summary"] = summary(res)
-    out = Path(args.json) if args.json else HERE / "results" / time.strftime(
-        "bundles-%Y%m%dT%H%M%S.json", time.gmtime())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    table = markdown(res)
-    print("\n" + table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    print(f"\nJSON: {out}")
+    publish(res, markdown(res), args.json, args.markdown, "bundles-")
     return 0
 
 

@@ -197,16 +197,21 @@ def main() -> int:
     reps = args.reps or (1 if args.quick else 3)
     only = set(args.only.split(",")) if args.only else None
     results = run(reps, args.quick, only, args.disk, args.compare)
-    out = Path(args.json) if args.json else HERE / "results" / time.strftime(
-        "%Y%m%dT%H%M%S.json", time.gmtime())
+    publish(results, markdown(results), args.json, args.markdown, "")
+    return 0
+
+
+def publish(results: dict[str, Any], table: str, json_path: str | None,
+            markdown_path: str | None, prefix: str) -> None:
+    """Print the table; keep the JSON (results/<prefix><time>.json unless told where)."""
+    out = Path(json_path) if json_path else HERE / "results" / time.strftime(
+        f"{prefix}%Y%m%dT%H%M%S.json", time.gmtime())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    table = markdown(results)
     print("\n" + table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text(table + "\n")
     print(f"\nJSON: {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from piccolofs.backing import dirs, syscalls
+from piccolofs.backing.files import CryptFile
 from piccolofs.format.content import BlockAuthError
 from piccolofs.format.errors import CorruptHeader, FormatError
 from piccolofs.format.names import (
@@ -652,15 +653,20 @@ class PiccoloOperations(pyfuse3.Operations):
                     reason)
         self._report({"event": "integrity", "inode": ino.node, "block": block})
 
-    @fuse_op
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        await self._writable()
+    def _written(self, fh: int) -> tuple[FileHandle, CryptFile]:
+        """The handle and content of a file about to be written (opened for writing),
+        recorded for a running capture."""
         h = self._file(fh)
         if not h.writable:
             raise fail(errno.EBADF)
         self.capture.touch(h.ino)
-        cfile = h.ino.cfile
-        assert cfile is not None
+        assert h.ino.cfile is not None
+        return h, h.ino.cfile
+
+    @fuse_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        await self._writable()
+        h, cfile = self._written(fh)
         if h.append:
             off = cfile.plain_size(h.fd)
         try:
@@ -679,12 +685,7 @@ class PiccoloOperations(pyfuse3.Operations):
             raise fail(errno.EOPNOTSUPP)
         if offset < 0 or length <= 0:
             raise fail(errno.EINVAL)
-        h = self._file(fh)
-        if not h.writable:
-            raise fail(errno.EBADF)
-        self.capture.touch(h.ino)
-        cfile = h.ino.cfile
-        assert cfile is not None
+        h, cfile = self._written(fh)
         cfile.allocate(h.fd, offset, length, keep_size=bool(mode))
 
     @fuse_op
