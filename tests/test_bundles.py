@@ -173,14 +173,20 @@ def test_two_exports_of_an_unchanged_device_are_identical(devices: Any) -> None:
                         ].count("export") == 3, what="the exports' audit rows")
 
 
-def test_one_export_at_a_time(devices: Any) -> None:
+def _device_with_a_big_volume(devices: Any, mib: int) -> Daemon:
+    """An unlocked device whose volume `big` holds `mib` MiB: an export of it takes a while."""
     a = devices("a")
     a.setup_and_unlock()
     _ctl_json(a, "volume", "ensure", "big")
     _ctl_json(a, "volume", "attach", "big")
     with open(a.mount("big") / "f", "wb") as f:
-        for _ in range(256):
+        for _ in range(mib):
             f.write(os.urandom(1 << 20))
+    return a
+
+
+def test_one_export_at_a_time(devices: Any) -> None:
+    a = _device_with_a_big_volume(devices, 256)
     first = a.call("POST", "/exports", {"kind": "full"})
     err = a.error("POST", "/exports", {"kind": "control"})
     assert err.status == 409 and first["id"] in str(err)
@@ -190,13 +196,7 @@ def test_one_export_at_a_time(devices: Any) -> None:
 
 
 def test_lock_stops_a_running_export(devices: Any) -> None:
-    a = devices("a")
-    a.setup_and_unlock()
-    _ctl_json(a, "volume", "ensure", "big")
-    _ctl_json(a, "volume", "attach", "big")
-    with open(a.mount("big") / "f", "wb") as f:
-        for _ in range(512):
-            f.write(os.urandom(1 << 20))
+    a = _device_with_a_big_volume(devices, 512)
     job = a.call("POST", "/exports", {"kind": "full"})
     t0 = time.monotonic()
     _ctl_json(a, "lock")
