@@ -354,7 +354,8 @@ def cmd_volume(c: Client, args: argparse.Namespace) -> int:
     elif a == "ensure":
         res = c.call("POST", "/volumes", {"id": args.id, "class": args.volume_class,
                                           "cluster_mode": args.cluster_mode,
-                                          "follower_policy": args.follower_policy})
+                                          "follower_policy": args.follower_policy,
+                                          **({"pool": args.pool} if args.pool else {})})
     elif a == "attach":
         res = c.call("POST", f"/volumes/{vid}/attach", {"role": args.role})
     elif a == "detach":
@@ -366,6 +367,60 @@ def cmd_volume(c: Client, args: argparse.Namespace) -> int:
     else:
         res = c.call("POST", f"/volumes/{vid}/role", {"role": args.role})
     _print(args, res, _volume_line(res) + f"\n  mountpoint: {res['mountpoint']}")
+    return OK
+
+
+def _pool_line(d: dict[str, Any]) -> str:
+    dev = d.get("device") or {}
+    size = f"{dev['size_bytes'] / 2**30:.1f} GiB" if dev.get("size_bytes") else "?"
+    health = (d.get("health") or {}).get("status")
+    extra = f"  health {health}" if health else ""
+    extra += f"  error: {d['error']}" if d.get("error") else ""
+    return (f"{d['id']}  {d.get('label') or '-':<12} {d['state']:<8} "
+            f"{dev.get('node') or '-':<12} {d.get('fs_type') or '?':<5} {size:>9}  "
+            f"volumes: {', '.join(d['volumes']) or 'none'}{extra}")
+
+
+def _pool_details(d: dict[str, Any]) -> str:
+    lines = [_pool_line(d)]
+    dev = d.get("device") or {}
+    if dev:
+        lines.append(f"  disk: {dev.get('model') or '?'} serial {dev.get('serial') or '?'}")
+    if d.get("mountpoint"):
+        lines.append(f"  mounted at {d['mountpoint']}")
+    h = d.get("health")
+    if h:
+        cap = h.get("capacity") or {}
+        if cap:
+            lines.append(f"  capacity: {cap['free_bytes'] / 2**30:.1f} GiB free of "
+                         f"{cap['total_bytes'] / 2**30:.1f} GiB ({cap['used_ratio']:.0%} used)")
+        smart = h.get("smart") or {}
+        lines.append("  SMART: " + ("passed" if smart.get("passed") else "FAILED")
+                     if smart.get("available") else f"  SMART: n/a ({smart.get('reason')})")
+        lines += [f"  {h['status']}: {r}" for r in h.get("reasons", [])]
+    if d.get("safe_to_remove"):
+        lines.append("  safe to remove")
+    return "\n".join(lines)
+
+
+def cmd_device(c: Client, args: argparse.Namespace) -> int:
+    a = args.action
+    if a == "list":
+        res = c.call("GET", "/devices")
+        note = "" if res["hotplug"] == "udev" else f"\nhotplug: {res['hotplug']}"
+        _print(args, res, ("\n".join(_pool_line(d) for d in res["devices"]) or "no pools")
+               + note)
+        return OK
+    if a == "init":
+        res = c.call("POST", "/devices/init", {"device": args.device, "label": args.label,
+                                               "fs": args.fs, "yes": args.yes})
+    else:
+        ident = urllib.parse.quote(args.id, safe="")
+        if a == "show":
+            res = c.call("GET", f"/devices/{ident}")
+        else:
+            res = c.call("POST", f"/devices/{ident}/eject", {"lazy": args.lazy})
+    _print(args, res, _pool_details(res))
     return OK
 
 
@@ -393,6 +448,7 @@ def cmd_health(c: Client, args: argparse.Namespace) -> int:
              f"crypto: {'locked' if h['crypto']['locked'] else 'unlocked'}",
              f"control store: {ch['status']} ({ch['message']}, checked {ch['checked_at']})"]
     lines += [f"volume {k}: {v}" for k, v in sorted(h["volumes"].items())]
+    lines += [f"pool {k}: {v}" for k, v in sorted(h.get("devices", {}).items())]
     if h["needs_repair"]:
         lines.append("needs repair: " + ", ".join(h["needs_repair"]))
     _print(args, h, "\n".join(lines))
@@ -693,12 +749,30 @@ def _parser() -> argparse.ArgumentParser:
                             choices=["stateful", "stateless_read_only"])
             sp.add_argument("--follower-policy", default="read_only",
                             choices=["read_only", "detached"])
+            sp.add_argument("--pool", metavar="POOL",
+                            help="put a new volume on this storage pool (id or label)")
         elif name == "attach":
             sp.add_argument("--role", default="leader", choices=["leader", "follower"])
         elif name == "detach":
             sp.add_argument("--lazy", action="store_true", help="detach even if busy")
         elif name == "role":
             sp.add_argument("role", choices=["leader", "follower"])
+
+    dv = sub.add_parser("device", help="storage pools on disks: init, list, show, eject")
+    dvs = dv.add_subparsers(dest="action", required=True)
+    dvs.add_parser("list")
+    di = dvs.add_parser("init", help="make a block device a pool (or adopt the pool on it)")
+    di.add_argument("device", metavar="DEV", help="the block device, e.g. /dev/sdb")
+    di.add_argument("--label", default="piccolo", help="the pool's name (1-12 of a-z0-9._-)")
+    di.add_argument("--fs", default="ext4", choices=["ext4", "xfs", "btrfs"])
+    di.add_argument("--yes", action="store_true",
+                    help="erase the partition table or filesystem found on DEV")
+    for name in ("show", "eject"):
+        sp = dvs.add_parser(name)
+        sp.add_argument("id", metavar="POOL", help="pool id, label, or device name")
+        if name == "eject":
+            sp.add_argument("--lazy", action="store_true",
+                            help="eject even if files are open (they fail from then on)")
 
     e = sub.add_parser("events")
     e.add_argument("--follow", "-f", action="store_true")
@@ -755,7 +829,7 @@ COMMANDS = {"status": cmd_status, "setup": cmd_setup, "unlock": cmd_unlock,
             "recovery-key": cmd_recovery_key, "volume": cmd_volume, "events": cmd_events,
             "health": cmd_health, "store": cmd_store, "leadership": cmd_leadership,
             "tpm": cmd_tpm, "bootstrap": cmd_bootstrap, "cluster": cmd_cluster,
-            "export": cmd_export, "import": cmd_import}
+            "export": cmd_export, "import": cmd_import, "device": cmd_device}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import trio
 from ctl.api.bootstrap import bootstrap_routes
 from ctl.api.bundles import bundle_routes
 from ctl.api.cluster import cluster_routes
+from ctl.api.devices import device_routes
 from ctl.api.routes import Api
 from ctl.api.server import ApiServer
 from ctl.bootstrap.assets import Assets
@@ -33,6 +34,7 @@ from ctl.bundles.imports import Importer
 from ctl.bundles.jobs import Jobs
 from ctl.cluster.registry import EtcdRegistry
 from ctl.controller import Controller
+from ctl.devices.manager import DeviceManager
 from ctl.events import EventBus
 from ctl.keys.keyset import KdfParams
 from ctl.keys.manager import KeyManager
@@ -110,7 +112,8 @@ async def persist_audit(bus: EventBus, store: ControlStore) -> None:
 
 
 async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval: float,
-                tpm_tcti: str | None = None, cluster: Cluster | None = None) -> None:
+                tpm_tcti: str | None = None, cluster: Cluster | None = None,
+                health_interval: float = 300.0) -> None:
     bus = EventBus()
     registry: LocalRegistry | EtcdRegistry = LocalRegistry(bus)
     if cluster is not None:
@@ -126,10 +129,12 @@ async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval:
     controller = Controller(keys, volumes, bus, registry, store, tpm, assets, importer)
     exporter = Exporter(paths, keys, volumes, store, bus, jobs, tpm.enrolment,
                         importer.pending)
-    api = Api(controller, volumes, bus, registry, store)
+    devices = DeviceManager(paths, volumes, bus, health_interval=health_interval)
+    api = Api(controller, volumes, bus, registry, store, devices)
     api.add_routes(bootstrap_routes(controller, tpm, assets, bus))
     api.add_routes(bundle_routes(controller, exporter, importer, jobs))
     api.add_routes(cluster_routes(registry))
+    api.add_routes(device_routes(devices))
     server = ApiServer(paths.socket, api.dispatch, uploads=api.accepts_upload)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -139,6 +144,7 @@ async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval:
             await nursery.start(store.run)
             await nursery.start(exporter.run)
             await nursery.start(importer.run)
+            await nursery.start(devices.run)  # coldplug: pools mounted before any unlock
             nursery.start_soon(persist_audit, bus, store)
             await controller.start()
             await nursery.start(server.serve)
@@ -174,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(default: $PICCOLO_ETCD; none: a single node)")
     p.add_argument("--lease-ttl", type=float, default=5.0, metavar="S",
                    help="leadership lease TTL in seconds (cluster)")
+    p.add_argument("--health-interval", type=float, default=300.0, metavar="S",
+                   help="seconds between health readings of the storage pools' disks")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -194,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         trio.run(serve, paths, KdfParams(args.kdf_time, args.kdf_memory, args.kdf_threads),
-                 args.volume_scryptn, args.store_check_interval, args.tpm_tcti, cluster)
+                 args.volume_scryptn, args.store_check_interval, args.tpm_tcti, cluster,
+                 args.health_interval)
     finally:
         os.close(lock_fd)
     return 0

@@ -58,6 +58,11 @@ class AlreadyInitialized(Conflict):
     code = "already_initialized"
 
 
+class PoolAbsent(Conflict):
+    """The volume lives on a storage pool whose disk is not present (ctl.devices)."""
+    code = "pool_absent"
+
+
 class ImportPending(Conflict):
     code = "import_pending"
 

@@ -23,6 +23,7 @@ TOPICS = (
     "control_store_commit",
     "control_health",
     "device_event",
+    "device_health",
     "export_progress",
     "export_result",
     "import_progress",

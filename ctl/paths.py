@@ -68,6 +68,27 @@ class Paths:
     def exports_dir(self) -> Path:
         return self.state / "exports"
 
+    # -- storage pools (ctl.devices) -----------------------------------------------------
+    @property
+    def devices_dir(self) -> Path:
+        return self.state / "devices"
+
+    @property
+    def pools_file(self) -> Path:
+        """The pools this device has seen: listed (as absent) while their disk is away."""
+        return self.devices_dir / "pools.json"
+
+    @property
+    def pools_dir(self) -> Path:
+        return self.run / "pools"
+
+    def pool_mount(self, pool_id: str) -> Path:
+        return self.pools_dir / pool_id
+
+    def pool_cipher(self, pool_id: str, volume_id: str) -> Path:
+        """A volume's cipher dir on a pool; its journal stays under `journal_dir`."""
+        return self.pool_mount(pool_id) / "ciphertext" / volume_id
+
     # -- runtime -------------------------------------------------------------------------
     @property
     def socket(self) -> Path:
@@ -76,6 +97,6 @@ class Paths:
     def ensure(self) -> None:
         """Create the tree with private modes (0700); existing dirs keep their modes."""
         for d in (self.state, self.crypto_dir, self.ciphertext_dir, self.journal_dir,
-                  self.mounts_dir, self.exports_dir):
+                  self.mounts_dir, self.exports_dir, self.devices_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.run.mkdir(mode=0o750, parents=True, exist_ok=True)

@@ -7,10 +7,12 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PICCOLOFS_VENV:-$REPO/.venv}"
 # libtss2-dev builds tpm2-pytss (the TPM-sealed bootstrap key); swtpm and tpm2-tools give
 # the tests a software TPM; etcd-server is the consensus engine of a cluster (the tests start
-# their own members on loopback).
+# their own members on loopback). Storage pools (ctl.devices): udev (the tests start a
+# systemd-udevd), the filesystems' tools and smartmontools; systemd for `systemd-analyze
+# verify` of the packaged unit.
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config patch gocryptfs gcc python3 python3-venv python3-dev
               fio sqlite3 util-linux procps e2fsprogs libtss2-dev swtpm swtpm-tools tpm2-tools
-              etcd-server etcd-client)
+              etcd-server etcd-client udev systemd smartmontools xfsprogs btrfs-progs)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup: run as root (FUSE mounts with allow_other and the test suite need it)" >&2

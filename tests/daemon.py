@@ -148,6 +148,7 @@ class Daemon:
                 child.kill()
         if release:
             release_mountpoints(self.state)
+            release_mountpoints(self.run, "pools")
         return code
 
     def __enter__(self) -> Daemon:
@@ -157,12 +158,12 @@ class Daemon:
         self.stop()
 
 
-def release_mountpoints(state: Path) -> None:
+def release_mountpoints(state: Path, under: str = "mounts") -> None:
     """Unmount what is left and lift the mountpoints' write guard, so the test's temporary
-    directory can be removed."""
+    directory can be removed (volumes' mountpoints, or with `under="pools"` the pools')."""
     from ctl.volumes import mountpoint
 
-    mounts = state / "mounts"
+    mounts = state / under
     if mounts.exists():
         for entry in os.scandir(mounts):
             m = Path(entry.path)

@@ -49,10 +49,10 @@ def is_mounted(path: Path | str) -> bool:
 
 
 def force_unmount(path: Path | str) -> None:
-    for args in (["-u"], ["-uz"]):
+    for argv in (["fusermount3", "-u"], ["fusermount3", "-uz"], ["umount", "-l"]):
         if not is_mounted(path):
             return
-        subprocess.run(["fusermount3", *args, str(path)], capture_output=True, timeout=20)
+        subprocess.run([*argv, str(path)], capture_output=True, timeout=20)
 
 
 def init_piccolofs(cipher: Path, passfile: Path, flags: list[str] = ()) -> None:  # type: ignore[assignment]

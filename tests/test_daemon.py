@@ -330,8 +330,10 @@ def test_kill9_daemon_then_restart_reconciles(tmp_path: Path) -> None:
         d.setup_and_unlock()
         d.call("POST", "/volumes", {"id": "survivor"})
         d.call("POST", "/volumes/survivor/attach", {"role": "leader"})
-        (d.mount("survivor") / "data").write_text("acknowledged write")
-        os.sync()
+        with open(d.mount("survivor") / "data", "w") as f:
+            f.write("acknowledged write")
+            f.flush()
+            os.fsync(f.fileno())
         children = d.children()
         d.kill9()
         for child in children:  # orphaned mounts unmount themselves

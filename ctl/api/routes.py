@@ -23,6 +23,7 @@ from ctl import events as ev
 from ctl.api.server import Request, Response, Stream
 from ctl.bootstrap import pem
 from ctl.controller import Controller
+from ctl.devices.manager import DeviceManager
 from ctl.errors import InvalidInput, NotFound
 from ctl.events import EventBus
 from ctl.keys import recovery
@@ -137,6 +138,7 @@ VOLUME = _out(
      "pid", "read_only", "desired_state", "observed_state", "role", "generation",
      "needs_repair", "updated_at"],
     id=STR, cipher_dir=STR, mountpoint=STR, attached=BOOL, updated_at=STR, last_error=STR,
+    pool={"type": ["string", "null"], "description": "the storage pool holding it"},
     pid={"type": ["integer", "null"]}, read_only={"type": ["boolean", "null"]},
     cluster_mode={"enum": [*CLUSTER_MODES, None]},
     follower_policy={"enum": [*FOLLOWER_POLICIES, None]},
@@ -163,10 +165,10 @@ STATUS_TEXT = {
          "over 1 MiB (`invalid_request`)",
     401: "Wrong password or recovery key (`unauthorized`)",
     403: "The peer may not use the control socket (`forbidden`); any route",
-    404: "No such volume, app or remote configuration (`not_found`)",
+    404: "No such volume, app, pool or remote configuration (`not_found`)",
     405: "Wrong method for this path (`method_not_allowed`); `Allow` lists the right ones",
     409: "Refused in the current state (`conflict`, `not_leader`, `busy`, "
-         "`not_initialized`, `already_initialized`)",
+         "`not_initialized`, `already_initialized`, `pool_absent`)",
     422: "Input this document forbids: a wrong type, a missing, unknown or null field, a "
          "bound exceeded, a malformed path or query parameter (`invalid_input`)",
     423: "Locked: unlock first (`locked`)",
@@ -390,8 +392,10 @@ def _secret(body: dict[str, Any], name: str) -> bytes:
 
 class Api:
     def __init__(self, controller: Controller, volumes: VolumeManager, bus: EventBus,
-                 registry: LeadershipRegistry, store: ControlStore) -> None:
+                 registry: LeadershipRegistry, store: ControlStore,
+                 devices: DeviceManager | None = None) -> None:
         self.ctl = controller
+        self.devices = devices
         self.volumes = volumes
         self.bus = bus
         self.registry = registry
@@ -414,6 +418,9 @@ class Api:
                         "last_event_seq"], status=_enum(("ok", "degraded")), crypto=CRYPTO,
                        control_health=HEALTH_STATE,
                        volumes={"type": "object", "additionalProperties": STR},
+                       devices={"type": "object", "additionalProperties": STR,
+                                "description": "pool id -> mounted, absent, ejected, error, "
+                                               "or its disk's health: ok, degraded, failing"},
                        needs_repair={"type": "array", "items": STR}, last_event_seq=INT)),
             Route("GET", f"{API}/openapi.json", self.openapi, "This document",
                   _out(["openapi", "info", "paths"], openapi=STR, info=OBJ, paths=OBJ)),
@@ -451,9 +458,11 @@ class Api:
             Route("GET", f"{API}/volumes", self.volume_list, "All volumes",
                   _out(["volumes"], volumes={"type": "array", "items": VOLUME})),
             Route("POST", f"{API}/volumes", self.volume_ensure, "Ensure a volume exists",
-                  VOLUME, (409, 423),
+                  VOLUME, (404, 409, 423),
                   _body(["id"], id=NAME, cluster_mode=_enum(CLUSTER_MODES),
                         follower_policy=_enum(FOLLOWER_POLICIES),
+                        pool={**NAME, "description": "a storage pool (id or label) to hold "
+                                                     "a new volume's cipher dir"},
                         **{"class": _enum(CLASSES)}), True),
             Route("GET", v, self.volume_show, "One volume", VOLUME, (404,)),
             Route("POST", f"{v}/attach", self.volume_attach, "Mount (idempotent)", VOLUME,
@@ -579,11 +588,14 @@ class Api:
         broken = [v["id"] for v in vols if v["needs_repair"] or v["observed_state"] == "error"]
         status = self.ctl.status()
         store_bad = self.store.health["status"] in ("degraded", "error")
+        devices = self.devices.summary() if self.devices is not None else {}
+        disks_bad = any(s in ("degraded", "failing", "error") for s in devices.values())
         return Response(200, {
-            "status": "degraded" if broken or store_bad else "ok",
+            "status": "degraded" if broken or store_bad or disks_bad else "ok",
             "crypto": status,
             "control_health": self.store.health,
             "volumes": {v["id"]: v["observed_state"] for v in vols},
+            "devices": devices,
             "needs_repair": broken,
             "last_event_seq": self.bus.last_seq,
         })
@@ -652,10 +664,15 @@ class Api:
 
     async def volume_ensure(self, req: Request) -> Response:
         body = req.json()
+        pool = body.get("pool")
+        if pool is not None:
+            if self.devices is None:
+                raise NotFound("this daemon manages no storage pools")
+            pool = self.devices.resolve(pool)
         info = await self.volumes.ensure(
             _field(body, "id"), _field(body, "class", "application"),
             _field(body, "cluster_mode", "stateful"),
-            _field(body, "follower_policy", "read_only"))
+            _field(body, "follower_policy", "read_only"), pool=pool)
         return Response(200, info)
 
     async def volume_attach(self, req: Request) -> Response:

@@ -124,6 +124,10 @@ class Exporter(Runner):
         for vid in CORE:
             if vid not in known:
                 raise Conflict(f"volume {vid} does not exist yet")
+        away = [why for v in chosen if (why := self.volumes.pool_absent(v)) is not None]
+        if away:
+            raise Conflict("; ".join(away) + ": plug its disk in, or name the volumes to "
+                           "export with --volume")
         try:  # a path on a dead or hostile mount must not hang the daemon
             with trio.fail_after(PATH_TIMEOUT):
                 dest = await trio.to_thread.run_sync(self._destination, kind, output,
@@ -147,7 +151,9 @@ class Exporter(Runner):
         dest = dest.parent.resolve() / dest.name
         if not dest.parent.is_dir():
             raise InvalidInput(f"output directory {dest.parent} does not exist")
-        for inside in (self.paths.mounts_dir, self.paths.ciphertext_dir, self.paths.crypto_dir):
+        pools = [p / "ciphertext" for p in self.paths.pools_dir.glob("*")]
+        for inside in (self.paths.mounts_dir, self.paths.ciphertext_dir, self.paths.crypto_dir,
+                       *pools):
             if dest.is_relative_to(inside):
                 raise InvalidInput(f"output may not be under {inside}: an export holds the "
                                    "volumes it reads, and would wait for itself")
@@ -204,7 +210,7 @@ class Exporter(Runner):
         dest = plan.dest
         await trio.to_thread.run_sync(_remove_stale_temps, dest)
         job.total_bytes, job.total_files = await trio.to_thread.run_sync(
-            _estimate, [self.paths.cipher(v) for v in plan.volumes])
+            _estimate, [self.volumes.cipher_dir(v) for v in plan.volumes])
         spool = await trio.to_thread.run_sync(Spool, f"{dest}.spool-{job.id}",
                                               lambda: job.cancelled)
         try:
@@ -214,7 +220,7 @@ class Exporter(Runner):
             store_state: dict[str, Any] | None = None
             for vid in plan.volumes:
                 job.phase = f"copying {vid}"
-                tree = TreeCopy(str(self.paths.cipher(vid)), spool, job.add)
+                tree = TreeCopy(str(self.volumes.cipher_dir(vid)), spool, job.add)
                 if vid == CONTROL:
                     async with self.store.quiesced() as store_state:
                         holds[vid] = await self._capture(vid, tree)

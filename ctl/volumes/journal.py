@@ -4,14 +4,16 @@ Fields and rules are the original daemon's: `generation` grows by one on every w
 `last_error` is set only when a cause is given; `needs_repair` is inherited, forced true on
 `observed_state=error` or any cause, and cleared when reality matches intent without error.
 Every write is atomic (temp, fsync, rename, fsync of the volume dir and of `volumes/`).
-Reading is strict: a journal that is not exactly of this shape is corrupt, and the caller
-keeps it aside rather than guessing an intent from it.
+`pool` names the storage pool (ctl.devices) holding the volume's cipher dir; absent for a
+volume under the state dir. Reading is strict: a journal that is not exactly of this shape
+is corrupt, and the caller keeps it aside rather than guessing an intent from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ STATES = ("mounted", "unmounted", "pending", "error")
 MAX_SIZE = 64 * 1024
 MAX_TEXT = 4096
 ROLES = ("leader", "follower", "unknown")
+POOL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,13 @@ class JournalRecord:
     needs_repair: bool = False
     last_error: str = ""
     updated_at: str = ""
+    pool: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        if not out["last_error"]:
-            del out["last_error"]
+        for optional in ("last_error", "pool"):
+            if not out[optional]:
+                del out[optional]
         return out
 
     @classmethod
@@ -60,6 +65,9 @@ class JournalRecord:
         if not 0 <= generation < 2**63:
             raise ValueError(f"generation {generation} is out of range")
         typed("description", str, "")
+        pool = typed("pool", str, "")
+        if pool and not POOL_ID.fullmatch(pool):
+            raise ValueError(f"pool is {_show(pool)}, not a pool id")
         return cls(
             desired_state=enum("desired_state", STATES),
             observed_state=enum("observed_state", STATES),
@@ -68,6 +76,7 @@ class JournalRecord:
             needs_repair=typed("needs_repair", bool, False),
             last_error=typed("last_error", str, "")[:MAX_TEXT],
             updated_at=typed("updated_at", str, "")[:MAX_TEXT],
+            pool=pool,
         )
 
     def transition(self, *, desired: str | None = None, observed: str | None = None,

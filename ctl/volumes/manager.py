@@ -25,9 +25,9 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -40,6 +40,7 @@ from ctl.errors import (
     InvalidInput,
     NotFound,
     NotLeader,
+    PoolAbsent,
     StateCorrupt,
 )
 from ctl.events import EventBus
@@ -85,10 +86,21 @@ class Volume:
     intent_lost: str | None = None
     guard_error: str | None = None
     fence: Fence | None = None  # the leadership term this node holds, when clustered
+    pool_meta: VolumeMeta | None = None  # a pool volume's key file, once read
 
 
 def _message(exc: BaseException) -> str:
     return exc.message if isinstance(exc, CtlError) else str(exc) or type(exc).__name__
+
+
+class Pools(Protocol):
+    """Where storage pools are (ctl.devices): volumes on a pool follow its disk."""
+
+    def where(self, pool_id: str) -> Path | None:
+        """The pool's filesystem, mounted and checked; None while its disk is away."""
+
+    def name(self, pool_id: str) -> str:
+        """How to name the pool to a person (its label, else its id)."""
 
 
 
@@ -102,6 +114,7 @@ class VolumeManager:
         self.scrypt_log_n = scrypt_log_n
         self._vols: dict[str, Volume] = {}
         self._nursery: trio.Nursery | None = None
+        self.pools: Pools | None = None
 
     # ---------------------------------------------------------------------------------
     # lifecycle
@@ -171,16 +184,96 @@ class VolumeManager:
         journal.write(self.paths.journal(vol.id), vol.record)
         self.bus.publish("volume_state_changed", {"id": vol.id, **vol.record.to_json()})
 
+    # ---------------------------------------------------------------------------------
+    # where a volume lives: under the state dir, or on a storage pool
+    # ---------------------------------------------------------------------------------
+    def cipher_dir(self, volume_id: str) -> Path:
+        vol = self._vols.get(volume_id)
+        if vol is None or not vol.record.pool:
+            return self.paths.cipher(volume_id)
+        return self.paths.pool_cipher(vol.record.pool, volume_id)
+
+    def _meta_path(self, volume_id: str) -> Path:
+        return self.cipher_dir(volume_id) / "piccolo.volume.json"
+
+    def pool_absent(self, volume_id: str) -> str | None:
+        """Why the volume's pool cannot be reached now, or None (present, or no pool)."""
+        vol = self._vols.get(volume_id)
+        pool = vol.record.pool if vol is not None else ""
+        if not pool:
+            return None
+        if self.pools is not None and self.pools.where(pool) is not None:
+            return None
+        name = self.pools.name(pool) if self.pools is not None else pool
+        return f"volume {volume_id} is on pool {name}, which is not present"
+
+    def on_pool(self, pool_id: str) -> builtins.list[str]:
+        return sorted(v.id for v in self._vols.values() if v.record.pool == pool_id)
+
+    async def pool_lost(self, pool_id: str, cause: str) -> builtins.list[str]:
+        """The pool's disk went away: end its volumes' mounts at once (their backing is
+        gone, so a drain would only serve errors), journal the loss, stop retrying until
+        the pool is back. Returns the volumes that were attached."""
+        ended = []
+        for vid in self.on_pool(pool_id):
+            vol = self._vols[vid]
+            async with vol.lock:
+                self._cancel_retry(vol)
+                child, vol.child = vol.child, None
+                for proc in (child, vol.draining):
+                    if proc is not None:
+                        vol.expected_exit = True
+                        await proc.kill()
+                vol.draining = None
+                await self._unmounted(vol)
+                if child is not None:
+                    ended.append(vid)
+                if child is not None or vol.record.desired_state == "mounted":
+                    self._journal(vol, observed="error", cause=cause)
+        return ended
+
+    async def pool_back(self, pool_id: str) -> builtins.list[str]:
+        """The pool is mounted again: re-attach its volumes whose intent is mounted (while
+        unlocked; unlock does it otherwise). Returns those that failed."""
+        if self.keys.locked:
+            return []
+        failed = []
+        for vid in self.on_pool(pool_id):
+            vol = self._vols[vid]
+            if vol.intent_lost is not None or vol.record.desired_state != "mounted" \
+                    or vol.child is not None:
+                continue
+            try:
+                await self.attach(vid, self._resume_role(vol))
+            except CtlError as exc:
+                failed.append(vid)
+                log.error("volume %s: re-attach on pool %s failed: %s", vid, pool_id,
+                          exc.message)
+        return failed
+
     def _meta(self, vol: Volume) -> VolumeMeta:
+        absent = self.pool_absent(vol.id)
+        if absent is not None:
+            raise PoolAbsent(absent)
+        if vol.pool_meta is not None:
+            return vol.pool_meta
         try:
-            return VolumeMeta.parse(self.paths.volume_meta(vol.id).read_bytes())
+            meta = VolumeMeta.parse(self._meta_path(vol.id).read_bytes())
+            if vol.record.pool:
+                # Read once: a dying disk must not be touched (or hang the loop) again
+                # each time someone asks how the volume is.
+                vol.pool_meta = meta
+            return meta
         except FileNotFoundError:
-            if self.paths.cipher(vol.id).exists():
+            if self.cipher_dir(vol.id).exists():
                 raise Failed(f"volume {vol.id} has a cipher dir but no piccolo.volume.json: "
                              "its key is missing") from None
             raise NotFound(f"no volume {vol.id!r}") from None
         except MetadataCorrupted as exc:
             raise Failed(f"volume {vol.id}: {exc}") from None
+        except OSError as exc:
+            raise Failed(f"volume {vol.id}: its key file cannot be read: "
+                         f"{exc.strerror or exc}") from None
 
     def _problem(self, vol: Volume, mounts: dict[str, mountinfo.Mount] | None = None
                  ) -> str | None:
@@ -197,7 +290,7 @@ class VolumeManager:
         vol = self._get(volume_id)
         try:
             meta: VolumeMeta | None = self._meta(vol)
-        except (Failed, NotFound):
+        except (Failed, NotFound, PoolAbsent):
             meta = None
         child = vol.child
         record = vol.record.to_json()
@@ -209,7 +302,8 @@ class VolumeManager:
             "class": meta.volume_class if meta else None,
             "cluster_mode": meta.cluster_mode if meta else None,
             "follower_policy": meta.follower_policy if meta else None,
-            "cipher_dir": str(self.paths.cipher(vol.id)),
+            "cipher_dir": str(self.cipher_dir(vol.id)),
+            "pool": vol.record.pool or None,
             "mountpoint": str(self.paths.mount(vol.id)),
             "attached": child is not None,
             "pid": child.pid if child else None,
@@ -255,7 +349,7 @@ class VolumeManager:
                 passphrase[:] = bytes(len(passphrase))
                 os.close(pass_w)
             cmd = [sys.executable, "-m", "piccolofs", "fsck", "--passfd", str(pass_r), "--",
-                   str(self.paths.cipher(volume_id))]
+                   str(self.cipher_dir(volume_id))]
             try:
                 res = await trio.run_process(cmd, pass_fds=(pass_r,), capture_stdout=True,
                                              capture_stderr=True, check=False, cwd="/",
@@ -297,8 +391,10 @@ class VolumeManager:
     # ---------------------------------------------------------------------------------
     async def ensure(self, volume_id: str, volume_class: str = "application",
                      cluster_mode: str = "stateful",
-                     follower_policy: str = "read_only") -> dict[str, Any]:
-        """Create the volume if it does not exist. Idempotent; never re-initialises."""
+                     follower_policy: str = "read_only",
+                     pool: str | None = None) -> dict[str, Any]:
+        """Create the volume if it does not exist. Idempotent; never re-initialises, never
+        moves a volume. With `pool` its cipher dir goes on that storage pool."""
         if not isinstance(volume_id, str) or not VOLUME_ID.fullmatch(volume_id):
             raise InvalidInput("volume id must match [a-z0-9][a-z0-9._-]{0,62}")
         if volume_class not in CLASSES:
@@ -310,9 +406,26 @@ class VolumeManager:
         vol = self._vols.get(volume_id) or Volume(volume_id, JournalRecord())
         async with vol.lock:
             self._vols.setdefault(volume_id, vol)
-            if not self.paths.volume_meta(volume_id).exists():
-                if self.paths.cipher(volume_id).exists():
+            here = vol.record.pool or None
+            exists = here is not None or self.paths.cipher(volume_id).exists()
+            if pool is not None and exists and pool != here:
+                where = f"pool {self.pools.name(here) if self.pools else here}" if here \
+                    else "the state dir"
+                raise Conflict(f"volume {volume_id} already exists on {where}; volumes are "
+                               "never moved")
+            if pool is not None and not exists:
+                if self.pools is None or self.pools.where(pool) is None:
+                    raise PoolAbsent(f"pool {pool} is not present")
+                # The journal names the pool first: a crash before the volume is made
+                # leaves an intent that the next ensure completes, never a stray tree.
+                vol.record = replace(vol.record, pool=pool)
+                self._journal(vol)
+            if not self._meta_path(volume_id).exists():
+                if self.cipher_dir(volume_id).exists():
                     self._meta(vol)  # raises the precise "key is missing" error
+                absent = self.pool_absent(volume_id)
+                if absent is not None:
+                    raise PoolAbsent(absent)
                 await self._create(volume_id, volume_class, cluster_mode, follower_policy)
             if vol.child is None:
                 await self._unmounted(vol)
@@ -325,7 +438,8 @@ class VolumeManager:
         """Initialise in a staging dir, seal the key beside it, then rename into place:
         a crash at any point leaves either nothing or a complete volume with its key."""
         sdek = self.keys.sdek()
-        parent = self.paths.ciphertext_dir
+        target = self.cipher_dir(volume_id)
+        parent = target.parent
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in parent.glob(f".{volume_id}.init-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -338,7 +452,7 @@ class VolumeManager:
                                    follower_policy)
             write_atomic(staging / "piccolo.volume.json", meta.to_json(), 0o600)
             fsync_dir(staging)
-            os.rename(staging, self.paths.cipher(volume_id))
+            os.rename(staging, target)
             fsync_dir(parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -411,7 +525,7 @@ class VolumeManager:
         if vol.draining is not None and vol.draining.draining:
             raise Busy(f"volume {vol.id}: the previous mount still serves open files; "
                        "attach again once they are closed")
-        cipher = self.paths.cipher(vol.id)
+        cipher = self.cipher_dir(vol.id)
         try:
             load_config(str(cipher))
         except (FormatError, CipherDirError) as exc:
@@ -421,7 +535,7 @@ class VolumeManager:
             passphrase = bytearray(given) if given is not None else meta.unseal(self.keys.sdek())
         except MetadataCorrupted as exc:
             self._journal(vol, desired="mounted", observed="error", role=role, cause=str(exc))
-            raise StateCorrupt(self.paths.volume_meta(vol.id), str(exc)) from None
+            raise StateCorrupt(self._meta_path(vol.id), str(exc)) from None
         await self._unmounted(vol)
         self._journal(vol, desired="mounted", observed="pending", role=role)
         child = MountChild(vol.id, cipher, self.paths.mount(vol.id),
@@ -564,6 +678,9 @@ class VolumeManager:
                     if self.keys.locked:
                         self._journal(vol, observed="pending", cause="locked")
                         return
+                    if self.pool_absent(vol.id) is not None:
+                        vol.retry = None
+                        return  # the pool's return re-attaches it (pool_back)
                     try:
                         await self._attach_locked(vol, self._resume_role(vol))
                         vol.retry = None

@@ -1,0 +1,510 @@
+"""The device manager: storage pools follow their disks, whatever way the disks come and go.
+
+One rule drives everything: **reconcile** what udev says is plugged in with what we have
+mounted. Start-up (coldplug), every udev event, a periodic rescan (udev events can be lost:
+a monitor's buffer overflows) and `device init` all call the same `reconcile`, so an event
+seen twice, or late, changes nothing.
+
+- A pool device present and not mounted: check its filesystem, mount it (`nosuid,nodev,
+  noexec`) under `$PICCOLO_RUN_DIR/pools/<pool-id>`, check the marker, then attach its
+  volumes whose intent is mounted (while unlocked, with the role the registry grants).
+- A mounted pool whose device is gone, is another instance (a re-plug that happened
+  between two looks), or whose mount vanished: end its volumes' mounts (journal: error,
+  needs_repair, "device removed"), unmount the filesystem lazily, guard the mountpoint.
+- A pool ejected by the operator stays unmounted while that same disk stays plugged in.
+
+Every pool seen is remembered in `devices/pools.json` so `device list` names it while its
+disk is away.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyudev
+import trio
+
+from ctl.devices import blockdev, fs, health, marker
+from ctl.devices.blockdev import BlockDevice
+from ctl.devices.health import Thresholds
+from ctl.devices.monitor import watch
+from ctl.errors import Busy, Conflict, CtlError, Failed, InvalidInput, NotFound
+from ctl.events import EventBus, utc_now
+from ctl.paths import Paths
+from ctl.volumes import mountinfo, mountpoint
+from ctl.volumes.manager import VolumeManager
+from piccolofs.atomic import write_atomic
+
+log = logging.getLogger("ctl.devices")
+
+RESCAN_INTERVAL = 30.0
+HEALTH_INTERVAL = 300.0
+REMOVED = "device removed"
+STATES = ("mounted", "absent", "ejected", "error")
+
+
+@dataclass(eq=False)
+class Pool:
+    id: str
+    label: str = ""
+    fs_type: str = ""
+    state: str = "absent"
+    error: str = ""
+    device: BlockDevice | None = None  # the disk it is mounted from
+    last_device: dict[str, Any] = field(default_factory=dict)
+    last_seen: str = ""
+    # The plugged-in instance (DISKSEQ) that was ejected, or whose mount failed: left
+    # alone until it leaves, so that events about it do not mount it again and again.
+    left_alone: str | None = None
+    health: dict[str, Any] | None = None
+
+    def remembered(self) -> dict[str, Any]:
+        return {"label": self.label, "fs_type": self.fs_type, "last_seen": self.last_seen,
+                "last_device": self.last_device}
+
+
+class DeviceManager:
+    def __init__(self, paths: Paths, volumes: VolumeManager, bus: EventBus,
+                 health_interval: float = HEALTH_INTERVAL,
+                 rescan_interval: float = RESCAN_INTERVAL,
+                 thresholds: Thresholds | None = None) -> None:
+        self.paths = paths
+        self.volumes = volumes
+        self.bus = bus
+        self.health_interval = health_interval
+        self.rescan_interval = rescan_interval
+        self.thresholds = thresholds or Thresholds()
+        self._pools: dict[str, Pool] = {}
+        self._lock = trio.Lock()
+        self._context = pyudev.Context()
+        self._health_now = trio.Event()
+        self.hotplug = "starting"  # or "udev", or why hotplug is not available
+        volumes.pools = self
+
+    # ---------------------------------------------------------------------------------
+    # the Pools protocol of ctl.volumes
+    # ---------------------------------------------------------------------------------
+    def where(self, pool_id: str) -> Path | None:
+        pool = self._pools.get(pool_id)
+        if pool is None or pool.state != "mounted":
+            return None
+        where = self.paths.pool_mount(pool_id)
+        return where if mountinfo.is_mounted(where) else None
+
+    def name(self, pool_id: str) -> str:
+        pool = self._pools.get(pool_id)
+        return f"{pool.label} ({pool_id})" if pool is not None and pool.label else pool_id
+
+    # ---------------------------------------------------------------------------------
+    # lifecycle
+    # ---------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Coldplug, then follow udev until cancelled; pools are unmounted on the way out
+        (their volumes were detached before)."""
+        self._remember_known()
+        await self._sweep()
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.reconcile()
+                nursery.start_soon(self._follow_udev)
+                nursery.start_soon(self._rescan)
+                nursery.start_soon(self._watch_health)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                for pool in self._pools.values():
+                    if pool.state != "mounted":
+                        continue
+                    try:  # written back and let go of before the daemon says it stopped
+                        await self._release(pool, lazy=False)
+                    except CtlError as exc:
+                        log.warning("%s; unmounting it lazily", exc.message)
+                        await self._unmount_quietly(self.paths.pool_mount(pool.id))
+
+    async def _follow_udev(self) -> None:
+        if not blockdev.udev_running():
+            self.hotplug = "udev is not running: pools are found by the periodic rescan"
+            log.warning("%s", self.hotplug)
+        async for batch in watch(self._context, on_ready=self._udev_ready):
+            if batch is None:
+                log.warning("udev events were lost; rescanning every block device")
+            await self.reconcile()
+
+    def _udev_ready(self) -> None:
+        self.hotplug = "udev"
+
+    async def _rescan(self) -> None:
+        while True:
+            await trio.sleep(self.rescan_interval)
+            await self.reconcile()
+
+    async def _sweep(self) -> None:
+        """Pool mounts an earlier daemon left: unmounted, so each is mounted afresh (and
+        checked) by the coldplug that follows. The volumes' own sweep has ended whatever
+        mount process used them."""
+        for m in mountinfo.under(self.paths.pools_dir):
+            log.warning("unmounting the pool %s left mounted at %s", m.source, m.mountpoint)
+            try:
+                await fs.unmount(Path(m.mountpoint), lazy=True)
+            except Failed as exc:
+                log.error("%s", exc.message)
+
+    # ---------------------------------------------------------------------------------
+    # reconcile
+    # ---------------------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        async with self._lock:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        devices = await trio.to_thread.run_sync(blockdev.scan, self._context)
+        present: dict[str, BlockDevice] = {}
+        for found in devices:
+            if found.is_pool and found.pool_id not in present:
+                present[found.pool_id] = found
+        mounts = mountinfo.mounts()
+        for pool in builtins.list(self._pools.values()):
+            dev = present.get(pool.id)
+            if pool.state == "mounted":
+                assert pool.device is not None
+                gone = (dev is None or dev.instance != pool.device.instance
+                        or dev.node != pool.device.node)
+                lost_mount = str(self.paths.pool_mount(pool.id)) not in mounts
+                if gone or lost_mount:
+                    await self._lose(pool, REMOVED if gone else
+                                     "the pool's filesystem was unmounted behind the daemon")
+                elif dev is not None and dev.size_bytes != pool.device.size_bytes:
+                    pool.device = dev
+                    self._publish("changed", pool)
+            elif pool.left_alone is not None and (dev is None
+                                                  or dev.instance != pool.left_alone):
+                pool.left_alone = None  # that disk left: the next one is a new plug
+                if pool.state == "ejected":
+                    pool.state = "absent"
+        for pool_id, plugged in sorted(present.items()):
+            known = self._pools.get(pool_id)
+            if known is not None and (known.state == "mounted"
+                                      or known.left_alone == plugged.instance):
+                continue
+            await self._arrive(plugged)
+
+    async def _arrive(self, dev: BlockDevice) -> None:
+        pool = self._pools.setdefault(dev.pool_id, Pool(dev.pool_id))
+        where = self.paths.pool_mount(pool.id)
+        mounted = False
+        try:
+            if mountinfo.is_mounted(where):
+                await fs.unmount(where, lazy=True)
+            await trio.to_thread.run_sync(_bare, where)
+            await fs.check(dev.fs_type, dev.node)
+            await fs.mount(dev.fs_type, dev.node, where)
+            mounted = True
+            mark = await trio.to_thread.run_sync(marker.read, where, dev.fs_uuid)
+        except (Failed, marker.MarkerError, OSError) as exc:
+            text = exc.message if isinstance(exc, CtlError) else str(exc)
+            log.error("pool %s on %s: %s", pool.id, dev.node, text)
+            if mounted:
+                await self._unmount_quietly(where)
+            pool.state, pool.error, pool.left_alone = "error", text, dev.instance
+            pool.device = None
+            pool.last_device = dev.describe()
+            self._publish("added", pool, dev)
+            return
+        pool.label, pool.fs_type = mark.label, mark.fs_type
+        pool.state, pool.error, pool.device, pool.left_alone = "mounted", "", dev, None
+        pool.last_device, pool.last_seen = dev.describe(), utc_now()
+        await trio.to_thread.run_sync(self._save)
+        log.info("pool %s (%s) mounted from %s", pool.label, pool.id, dev.node)
+        self._publish("added", pool)
+        self._health_now.set()
+        failed = await self.volumes.pool_back(pool.id)
+        if failed:
+            log.error("pool %s: volumes not re-attached: %s", pool.id, ", ".join(failed))
+
+    async def _lose(self, pool: Pool, cause: str) -> None:
+        ended = await self.volumes.pool_lost(pool.id, cause)
+        log.warning("pool %s: %s; volumes ended: %s", pool.id, cause,
+                    ", ".join(ended) or "none")
+        await self._unmount_quietly(self.paths.pool_mount(pool.id))
+        dev = pool.device
+        pool.state, pool.error, pool.device = "absent", cause, None
+        self._publish("removed", pool, dev)
+
+    async def _unmount_quietly(self, where: Path) -> None:
+        try:
+            await fs.unmount(where, lazy=True)
+        except Failed as exc:
+            log.error("%s", exc.message)
+        await trio.to_thread.run_sync(_bare, where)
+
+    async def _release(self, pool: Pool, lazy: bool) -> None:
+        """Unmount a pool whose volumes are detached."""
+        where = self.paths.pool_mount(pool.id)
+        try:
+            await fs.unmount(where, lazy=lazy)
+        except Failed as exc:
+            if "busy" in exc.message.lower():
+                raise Busy(f"pool {self.name(pool.id)}: {exc.message}; eject with lazy to "
+                           "detach it anyway") from None
+            raise
+        await trio.to_thread.run_sync(_bare, where)
+
+    # ---------------------------------------------------------------------------------
+    # operator actions
+    # ---------------------------------------------------------------------------------
+    async def init(self, node: str, label: str, fs_type: str, erase: bool) -> dict[str, Any]:
+        """Make `node` a pool, or adopt the pool already on it. Refuses a device in use or
+        holding / or the state dir, always; one holding data (a partition table, a
+        filesystem) unless `erase`."""
+        if not marker.LABEL.fullmatch(label):
+            raise InvalidInput("label must be 1-12 of a-z 0-9 . _ - (starting with a "
+                               "letter or digit)")
+        if fs_type not in marker.FS_TYPES:
+            raise InvalidInput(f"fs must be one of {', '.join(marker.FS_TYPES)}")
+        if not shutil.which(f"mkfs.{fs_type}"):
+            raise Failed(f"mkfs.{fs_type} is not installed on this machine")
+        async with self._lock:
+            try:
+                dev = await trio.to_thread.run_sync(blockdev.lookup, self._context, node)
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
+            ours = [p for p in self._pools.values() if p.state == "mounted"
+                    and p.device is not None and p.device.devnum == dev.devnum]
+            if ours:
+                return self.show(ours[0].id)  # already a pool of this daemon: as it is
+            refusals = await trio.to_thread.run_sync(
+                lambda: blockdev.in_use(dev) + blockdev.holds_system(dev, self.paths.state))
+            if refusals:
+                raise Conflict(f"{node}: {'; '.join(refusals)}; nothing was changed")
+            try:
+                found = await trio.to_thread.run_sync(blockdev.signatures, dev.node)
+            except OSError as exc:
+                raise Failed(str(exc)) from None
+            pool_id = await self._adoptable(dev, found)
+            if pool_id is None:
+                if found and not erase:
+                    what = ", ".join(f"{s.get('type')}" + (f" '{s['label']}'" if s.get("label")
+                                                           else "") for s in found)
+                    raise Conflict(f"{node} holds {what}; nothing was changed: pass --yes "
+                                   "(yes=true) to erase it")
+                pool_id = marker.new_pool_id()
+                await fs.make(fs_type, dev.node, pool_id, label)
+                await self._write_marker(dev.node, marker.Marker.new(pool_id, label, fs_type))
+                log.info("pool %s (%s) made on %s", label, pool_id, dev.node)
+            if blockdev.udev_running():
+                await fs.settle(dev.node)
+            known = self._pools.get(pool_id)
+            if known is not None and known.state != "mounted":
+                known.left_alone = None  # asked for by name: mount it again
+            await self._reconcile()
+        return self.show(pool_id)
+
+    async def _adoptable(self, dev: BlockDevice, found: list[dict[str, Any]]) -> str | None:
+        """The pool id, when the device holds exactly one pool filesystem with its marker."""
+        if len(found) != 1 or found[0].get("type") not in marker.FS_TYPES or \
+                not marker.is_pool_uuid(str(found[0].get("uuid"))):
+            return None
+        fs_uuid = str(found[0]["uuid"]).lower()
+        pool = self._pools.get(fs_uuid)
+        if pool is not None and pool.state == "mounted":
+            return fs_uuid
+        where = self.paths.pools_dir / f".probe-{secrets.token_hex(4)}"
+        try:
+            await trio.to_thread.run_sync(lambda: where.mkdir(mode=0o700, parents=True))
+            await fs.mount(str(found[0]["type"]), dev.node, where)
+            try:
+                await trio.to_thread.run_sync(marker.read, where, fs_uuid)
+            finally:
+                await fs.unmount(where, lazy=False)
+        except (Failed, marker.MarkerError):
+            return None
+        finally:
+            await trio.to_thread.run_sync(_remove_dir, where)
+        return fs_uuid
+
+    async def _write_marker(self, node: str, mark: marker.Marker) -> None:
+        where = self.paths.pools_dir / f".init-{secrets.token_hex(4)}"
+        await trio.to_thread.run_sync(lambda: where.mkdir(mode=0o700, parents=True))
+        try:
+            await fs.mount(mark.fs_type, node, where)
+            try:
+                await trio.to_thread.run_sync(_prepare_root, where, mark)
+            finally:
+                await fs.unmount(where, lazy=False)
+        finally:
+            await trio.to_thread.run_sync(_remove_dir, where)
+
+    async def eject(self, ident: str, lazy: bool) -> dict[str, Any]:
+        """Detach the pool's volumes (intent kept: they come back with the disk), unmount
+        its filesystem; then the disk is safe to pull. Busy (409) while files are open,
+        unless `lazy`; a busy eject changes nothing."""
+        async with self._lock:
+            pool = self._resolve(ident)
+            if pool.state != "mounted":
+                raise Conflict(f"pool {self.name(pool.id)} is not mounted ({pool.state})")
+            done: list[str] = []
+            try:
+                for vid in self.volumes.on_pool(pool.id):
+                    if self.volumes.is_attached(vid):
+                        await self.volumes.detach(vid, lazy=lazy, keep_intent=True)
+                        done.append(vid)
+                await self._release(pool, lazy)
+            except Busy:
+                await self.volumes.pool_back(pool.id)
+                raise
+            dev = pool.device
+            pool.state, pool.error, pool.device = "ejected", "", None
+            pool.left_alone = dev.instance if dev is not None else None
+            log.info("pool %s ejected; volumes detached: %s", pool.id, ", ".join(done) or "none")
+            self._publish("removed", pool, dev)
+        return {**self.show(pool.id), "detached": done, "safe_to_remove": True}
+
+    # ---------------------------------------------------------------------------------
+    # views
+    # ---------------------------------------------------------------------------------
+    def _resolve(self, ident: str) -> Pool:
+        """A pool by id, label or current device name."""
+        if ident in self._pools:
+            return self._pools[ident]
+        hits = [p for p in self._pools.values()
+                if ident == p.label or (p.device is not None
+                                        and ident in (p.device.name, p.device.node))]
+        if len(hits) > 1:
+            raise Conflict(f"{ident!r} names {len(hits)} pools: use the pool id")
+        if not hits:
+            raise NotFound(f"no pool {ident!r}")
+        return hits[0]
+
+    def resolve(self, ident: str) -> str:
+        return self._resolve(ident).id
+
+    def show(self, ident: str) -> dict[str, Any]:
+        pool = self._resolve(ident)
+        mounted = pool.state == "mounted"
+        device = pool.device.describe() if pool.device is not None else pool.last_device
+        return {"id": pool.id, "label": pool.label or None, "fs_type": pool.fs_type or None,
+                "state": pool.state, "error": pool.error or None,
+                "mountpoint": str(self.paths.pool_mount(pool.id)) if mounted else None,
+                "device": device or None, "present": pool.device is not None,
+                "volumes": self.volumes.on_pool(pool.id), "health": pool.health,
+                "safe_to_remove": not mounted, "last_seen": pool.last_seen or None}
+
+    def list(self) -> builtins.list[dict[str, Any]]:
+        self._remember_known()
+        return [self.show(p) for p in sorted(self._pools)]
+
+    def summary(self) -> dict[str, str]:
+        """Pool id -> its state, or its health where it is mounted and judged."""
+        out = {}
+        for pid, pool in sorted(self._pools.items()):
+            status = pool.state
+            if pool.state == "mounted" and pool.health is not None:
+                status = pool.health["status"]
+            out[pid] = status
+        return out
+
+    def _remember_known(self) -> None:
+        """Pools named by a volume's journal are known even if never seen here (an import
+        brought them): listed as absent."""
+        for vol in self.volumes.list():
+            pid = vol.get("pool")
+            if pid and pid not in self._pools:
+                self._pools[pid] = Pool(pid)
+        if not self._pools and self.paths.pools_file.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.paths.pools_file.read_bytes())
+            known = data["pools"]
+            assert isinstance(known, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            log.error("%s is unusable (%s); pools are listed once seen again",
+                      self.paths.pools_file, exc)
+            return
+        for pid, rec in known.items():
+            if not isinstance(rec, dict) or not marker.POOL_ID.fullmatch(str(pid)):
+                continue
+            pool = self._pools.setdefault(pid, Pool(pid))
+            pool.label = str(rec.get("label") or "")
+            pool.fs_type = str(rec.get("fs_type") or "")
+            pool.last_seen = str(rec.get("last_seen") or "")
+            last = rec.get("last_device")
+            pool.last_device = last if isinstance(last, dict) else {}
+
+    def _save(self) -> None:
+        body = {"pools": {pid: p.remembered() for pid, p in sorted(self._pools.items())
+                          if p.last_seen}}
+        self.paths.devices_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(self.paths.pools_file, (json.dumps(body, indent=1) + "\n").encode(),
+                     0o600)
+
+    def _publish(self, action: str, pool: Pool, dev: BlockDevice | None = None) -> None:
+        dev = dev or pool.device
+        d = dev.describe() if dev is not None else pool.last_device
+        self.bus.publish("device_event", {
+            "id": pool.id, "pool": pool.label or None, "action": action, "state": pool.state,
+            "device": d.get("node"), "model": d.get("model") or None,
+            "serial": d.get("serial") or None, "size_bytes": d.get("size_bytes"),
+            **({"error": pool.error} if pool.error else {})})
+
+    # ---------------------------------------------------------------------------------
+    # health
+    # ---------------------------------------------------------------------------------
+    async def _watch_health(self) -> None:
+        while True:
+            with trio.move_on_after(self.health_interval):
+                await self._health_now.wait()
+            self._health_now = trio.Event()
+            await self.check_health()
+
+    async def check_health(self) -> None:
+        for pool in builtins.list(self._pools.values()):
+            dev, where = pool.device, self.where(pool.id)
+            if dev is None or where is None:
+                continue
+            reading = await health.assess(dev, where, self.thresholds)
+            if pool.device is not dev:
+                continue  # it left meanwhile
+            before = pool.health["status"] if pool.health else None
+            pool.health = reading
+            if reading["status"] != before:
+                if reading["status"] != "ok":
+                    log.warning("pool %s is %s: %s", pool.id, reading["status"],
+                                "; ".join(reading["reasons"]))
+                self.bus.publish("device_health", {"id": pool.id, "pool": pool.label or None,
+                                                   "device": dev.node, **reading})
+
+
+def _bare(where: Path) -> None:
+    """The pool's mountpoint, empty and refusing writes while nothing is mounted on it:
+    ciphertext meant for the disk never lands on the root filesystem."""
+    if mountinfo.is_mounted(where):
+        return
+    try:
+        mountpoint.guard(where)
+    except OSError as exc:
+        log.warning("pool mountpoint %s cannot refuse writes: %s", where, exc)
+
+
+def _prepare_root(root: Path, mark: marker.Marker) -> None:
+    os.chmod(root, 0o700)
+    (root / "ciphertext").mkdir(mode=0o700, exist_ok=True)
+    marker.write(root, mark)
+
+
+def _remove_dir(where: Path) -> None:
+    if mountinfo.is_mounted(where):
+        return
+    with contextlib.suppress(OSError):
+        where.rmdir()

@@ -1,0 +1,393 @@
+"""Storage pools on real disks: a real systemd-udevd, loop devices over image files, a real
+daemon driven through its CLI and socket (tests/disks.py says how a disk leaves here)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.daemon import Daemon
+from tests.disks import Disk, Udevd, syncfs
+
+pytestmark = [pytest.mark.devices, pytest.mark.timeout(600)]
+
+DETACH_WITHIN = 2.0  # the issue's bound from removal to a detached, journaled volume
+
+
+@pytest.fixture
+def udevd(tmp_path: Path) -> Iterator[Udevd]:
+    with Udevd(tmp_path / "udevd.log") as u:
+        yield u
+
+
+@pytest.fixture
+def disk(tmp_path: Path, udevd: Udevd) -> Iterator[Disk]:
+    d = Disk(tmp_path / "disk.img")
+    d.plug()
+    yield d
+    d.detach()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, udevd: Udevd) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, extra=["--health-interval", "1"])
+    d.start()
+    d.setup_and_unlock()
+    yield d
+    d.stop()
+    assert "Traceback" not in d.log(), d.log()[-4000:]
+
+
+def ok(d: Daemon, *args: str) -> Any:
+    res = d.ctl("--json", *args)
+    assert res.returncode == 0, f"piccoloctl {' '.join(args)}: {res.stdout}{res.stderr}"
+    return json.loads(res.stdout)
+
+
+def refused(d: Daemon, *args: str) -> tuple[int, dict[str, Any]]:
+    res = d.ctl("--json", *args)
+    assert res.returncode != 0, f"piccoloctl {' '.join(args)} succeeded: {res.stdout}"
+    return res.returncode, json.loads(res.stdout)["error"]
+
+
+def mountinfo() -> list[list[str]]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split() for line in f]
+
+
+def pool_mounts(d: Daemon) -> list[str]:
+    return [m[4] for m in mountinfo() if str(d.run / "pools") in m[4]]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def write_tree(root: Path) -> dict[str, str]:
+    (root / "photos" / "2026").mkdir(parents=True)
+    for i in range(20):
+        (root / "photos" / "2026" / f"img{i:03d}.jpg").write_bytes(os.urandom(4096 * (i + 1)))
+    (root / "notes.txt").write_text("remember the milk\n")
+    with open(root / "big.bin", "wb") as f:
+        f.write(os.urandom(8 << 20))
+        os.fsync(f.fileno())
+    return tree_digest(root)
+
+
+def pool_on(d: Daemon, disk: Disk, label: str = "photos") -> dict[str, Any]:
+    pool = ok(d, "device", "init", disk.node or "", "--label", label)
+    assert pool["state"] == "mounted", pool
+    return pool
+
+
+def volume_on_pool(d: Daemon, pool: dict[str, Any], vid: str = "photos") -> Path:
+    info = ok(d, "volume", "ensure", vid, "--pool", pool["label"])
+    assert info["pool"] == pool["id"]
+    assert info["cipher_dir"] == str(d.run / "pools" / pool["id"] / "ciphertext" / vid)
+    ok(d, "volume", "attach", vid)
+    return d.mount(vid)
+
+
+def serving(v: dict[str, Any]) -> bool:
+    return bool(v["attached"]) and v["observed_state"] == "mounted"
+
+
+def wait_volume(d: Daemon, vid: str, what: str, pred: Any, timeout: float = 30.0
+                ) -> dict[str, Any]:
+    return d.wait_for(lambda: (v := d.volume(vid)) and pred(v) and v, timeout, what)
+
+
+# ---------------------------------------------------------------------------------------
+# init and its refusals
+# ---------------------------------------------------------------------------------------
+def test_init_makes_a_pool_udev_tags_and_a_volume_lives_on_it(daemon: Daemon,
+                                                              disk: Disk) -> None:
+    pool = pool_on(daemon, disk)
+    assert pool["id"].startswith("70696363-") and pool["fs_type"] == "ext4"
+    assert pool["device"]["node"] == disk.node and pool["label"] == "photos"
+    props = subprocess.run(["udevadm", "info", "--query=property", disk.node or ""],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"ID_FS_UUID={pool['id']}" in props and "PICCOLO_POOL=1" in props, props
+    assert "piccolo-pool" in props  # the rule's tag (TAGS / CURRENT_TAGS)
+    where = daemon.run / "pools" / pool["id"]
+    opts = next(m[5] for m in mountinfo() if m[4] == str(where))
+    assert {"nosuid", "nodev", "noexec"} <= set(opts.split(",")), opts
+    marker = json.loads((where / ".piccolo-pool.json").read_text())
+    assert marker["pool_id"] == pool["id"] and marker["label"] == "photos"
+
+    mnt = volume_on_pool(daemon, pool)
+    digest = write_tree(mnt)
+    assert daemon.journal("photos")["pool"] == pool["id"]
+    assert any((where / "ciphertext" / "photos").iterdir())
+    assert not (daemon.state / "ciphertext" / "photos").exists()
+    listed = ok(daemon, "device", "list")
+    ours = [p for p in listed["devices"] if p["id"] == pool["id"]]
+    assert listed["hotplug"] == "udev" and ours[0]["volumes"] == ["photos"]
+    assert tree_digest(mnt) == digest
+    # The same name again adopts the pool as it is: nothing is formatted.
+    again = ok(daemon, "device", "init", disk.node or "")
+    assert again["id"] == pool["id"] and tree_digest(mnt) == digest
+
+
+def test_init_refuses_in_use_system_and_data_disks(daemon: Daemon, disk: Disk,
+                                                   tmp_path: Path) -> None:
+    subprocess.run(["mkfs.ext4", "-q", "-L", "family", disk.node or ""], check=True)
+    before = subprocess.run(["wipefs", "-n", "-J", disk.node or ""], capture_output=True,
+                            check=True).stdout
+    code, err = refused(daemon, "device", "init", disk.node or "")
+    assert err["code"] == "conflict" and "ext4 'family'" in err["message"], err
+    assert "--yes" in err["message"] and code == 5
+
+    mnt = tmp_path / "elsewhere"
+    mnt.mkdir()
+    subprocess.run(["mount", disk.node or "", str(mnt)], check=True)
+    try:
+        _, err = refused(daemon, "device", "init", disk.node or "", "--yes")
+        assert f"is mounted at {mnt}" in err["message"], err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert subprocess.run(["wipefs", "-n", "-J", disk.node or ""], capture_output=True,
+                          check=True).stdout == before  # nothing was changed
+
+    root = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "/"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    if root.startswith("/dev/"):
+        _, err = refused(daemon, "device", "init", root, "--yes")
+        assert "holds the root filesystem" in err["message"], err
+    _, err = refused(daemon, "device", "init", "/dev/null", "--yes")
+    assert err["code"] == "invalid_input" and "not a block device" in err["message"]
+
+    # --yes erases the filesystem that was there.
+    pool = ok(daemon, "device", "init", disk.node or "", "--yes", "--label", "new")
+    assert pool["state"] == "mounted" and pool["label"] == "new"
+    assert not (daemon.run / "pools" / pool["id"] / "lost+found" / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# hotplug
+# ---------------------------------------------------------------------------------------
+def test_a_disk_that_dies_under_a_writer_and_comes_back(daemon: Daemon, disk: Disk) -> None:
+    pool = pool_on(daemon, disk)
+    mnt = volume_on_pool(daemon, pool)
+    digest = write_tree(mnt)
+    syncfs(daemon.run / "pools" / pool["id"])  # on the disk before it dies
+    since = daemon.call("GET", "/health")["last_event_seq"]
+    writer = subprocess.Popen(
+        ["python3", "-c", "import os,sys\n"
+         "f=open(sys.argv[1],'wb')\n"
+         "try:\n"
+         "  while True:\n"
+         "    f.write(os.urandom(65536)); f.flush(); os.fsync(f.fileno())\n"
+         "except OSError as e:\n"
+         "  print(e.errno); sys.exit(3)\n", str(mnt / "stream.bin")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        assert writer.poll() is None, "the writer did not start"
+        disk.die(daemon.run / "pools" / pool["id"])  # I/O fails with EIO; udev says remove
+        t0 = time.monotonic()
+        v = wait_volume(daemon, "photos", "the volume detached",
+                        lambda v: v["observed_state"] == "error" and not v["attached"],
+                        timeout=10)
+        took = time.monotonic() - t0
+        out, _ = writer.communicate(timeout=20)
+    finally:
+        if writer.returncode is None:
+            writer.kill()
+            writer.communicate()
+    assert took < DETACH_WITHIN, f"detached after {took:.2f} s"
+    assert v["needs_repair"] and v["last_error"] == "device removed", v
+    j = daemon.journal("photos")
+    assert (j["observed_state"], j["needs_repair"], j["last_error"]) == \
+        ("error", True, "device removed")
+    assert j["desired_state"] == "mounted"  # the intent stays: it comes back with the disk
+    assert writer.returncode == 3, f"the writer must get an error ({out})"
+    assert not pool_mounts(daemon) and not any(m[4] == str(mnt) for m in mountinfo())
+    events = daemon.events(since, "device_event")
+    assert [e["data"]["action"] for e in events] == ["removed"], events
+    assert events[0]["data"]["id"] == pool["id"] and events[0]["data"]["pool"] == "photos"
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert ok(daemon, "device", "show", "photos")["state"] == "absent"
+    _, err = refused(daemon, "volume", "attach", "photos")
+    assert err["code"] == "pool_absent", err
+
+    disk.remove()  # a real `remove` event: the node is gone
+    disk.plug()  # and a real `add`, with a new DISKSEQ
+    v = wait_volume(daemon, "photos", "the volume back", serving, timeout=30)
+    assert not v["needs_repair"] and "last_error" not in daemon.journal("photos")
+    got = tree_digest(mnt)
+    got.pop("stream.bin", None)  # what the writer had when the disk died: not checked
+    assert got == digest
+    fsck = ok(daemon, "volume", "fsck", "photos")
+    assert fsck["ok"], fsck
+    actions = [e["data"]["action"] for e in daemon.events(since, "device_event")]
+    assert actions == ["removed", "added"], actions
+
+
+def test_synthesized_remove_and_add(daemon: Daemon, disk: Disk) -> None:
+    pool = pool_on(daemon, disk)
+    mnt = volume_on_pool(daemon, pool)
+    digest = write_tree(mnt)
+    disk.trigger("remove")  # udev drops its record; the device itself still works
+    v = wait_volume(daemon, "photos", "detached on remove",
+                    lambda v: not v["attached"] and v["observed_state"] == "error",
+                    timeout=DETACH_WITHIN + 1)
+    assert v["last_error"] == "device removed"
+    assert not pool_mounts(daemon)
+    disk.trigger("remove")  # seen twice: nothing more happens
+    disk.trigger("add")
+    wait_volume(daemon, "photos", "re-attached on add",
+                lambda v: serving(v) and not v["needs_repair"])
+    gen = daemon.volume("photos")["generation"]
+    disk.trigger("add")  # an add for a pool already mounted changes nothing
+    disk.trigger("change")
+    time.sleep(1)
+    assert daemon.volume("photos")["generation"] == gen
+    assert tree_digest(mnt) == digest
+
+
+def _resources(d: Daemon) -> tuple[list[str], list[str], list[str]]:
+    """The daemon's open files, the mounts under the test's dir, the daemon's children, once
+    they stay the same for a second: a reading taken while the last question's connection
+    closes, or a health check's smartctl runs, is not a leak."""
+    last = _reading(d)
+    for _ in range(10):
+        time.sleep(1.0)
+        now = _reading(d)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def _reading(d: Daemon) -> tuple[list[str], list[str], list[str]]:
+    assert d.proc is not None
+    proc = psutil.Process(d.proc.pid)
+    fds = sorted(_fd_kind(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(
+        f"/proc/{proc.pid}/fd"))
+    mounts = sorted(m[4] for m in mountinfo() if str(d.base) in m[4])
+    children = [re.sub(r"fd \d+", "fd N", " ".join(c.cmdline()))
+                for c in proc.children(recursive=True)]
+    return fds, mounts, sorted(children)
+
+
+def _fd_kind(link: str) -> str:
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return "gone"
+    return target.split("[")[0]  # socket:[123] -> socket: (numbers change, kinds must not)
+
+
+def test_twenty_plug_cycles_leak_nothing(tmp_path: Path, udevd: Udevd, disk: Disk) -> None:
+    # Health is read at each plug only: its periodic smartctl would blur the readings.
+    with Daemon(tmp_path, extra=["--health-interval", "3600"]) as daemon:
+        daemon.setup_and_unlock()
+        _cycles(daemon, disk)
+
+
+def _cycles(daemon: Daemon, disk: Disk) -> None:
+    pool = pool_on(daemon, disk)
+    mnt = volume_on_pool(daemon, pool)
+    digest = write_tree(mnt)
+    before = _resources(daemon)
+    for cycle in range(20):
+        disk.trigger("remove")
+        wait_volume(daemon, "photos", f"detached in cycle {cycle}", lambda v: not v["attached"])
+        disk.trigger("add")
+        wait_volume(daemon, "photos", f"back in cycle {cycle}", serving)
+    after = _resources(daemon)
+    for what, was, now in zip(("open files", "mounts", "children"), before, after,
+                              strict=True):
+        assert now == was, (f"{what}: gone {Counter(was) - Counter(now)}, "
+                            f"new {Counter(now) - Counter(was)}")
+    assert tree_digest(mnt) == digest
+
+
+def test_coldplug_a_pool_present_at_start(tmp_path: Path, udevd: Udevd, disk: Disk) -> None:
+    d = Daemon(tmp_path, extra=["--health-interval", "1"])
+    with d:
+        d.setup_and_unlock()
+        pool = pool_on(d, disk)
+        digest = write_tree(volume_on_pool(d, pool))
+    assert not pool_mounts(d) and not disk.held()  # a stopped daemon lets go of the disk
+    with d:
+        listed = ok(d, "device", "show", pool["id"])
+        assert listed["state"] == "mounted"  # mounted before any unlock
+        assert d.volume("photos")["observed_state"] == "pending"
+        d.call("POST", "/crypto/unlock", {"password": "admin password 1"})
+        wait_volume(d, "photos", "attached at unlock", serving)
+        assert tree_digest(d.mount("photos")) == digest
+    # Away at start: listed as absent, its volume says why.
+    disk.detach()
+    with d:
+        d.call("POST", "/crypto/unlock", {"password": "admin password 1"})
+        assert ok(d, "device", "show", pool["id"])["state"] == "absent"
+        v = d.volume("photos")
+        assert v["observed_state"] == "error" and "not present" in v["last_error"], v
+        disk.plug()
+        wait_volume(d, "photos", "attached when plugged", serving)
+        assert tree_digest(d.mount("photos")) == digest
+
+
+def test_eject_refuses_busy_then_leaves_the_disk_free(daemon: Daemon, disk: Disk) -> None:
+    pool = pool_on(daemon, disk)
+    mnt = volume_on_pool(daemon, pool)
+    write_tree(mnt)
+    with open(mnt / "notes.txt") as held:
+        code, err = refused(daemon, "device", "eject", "photos")
+        assert err["code"] == "busy" and code == 5, err
+        assert daemon.volume("photos")["attached"]  # a busy eject changes nothing
+        assert held.read() == "remember the milk\n"
+    res = ok(daemon, "device", "eject", "photos")
+    assert res["safe_to_remove"] and res["state"] == "ejected" and res["detached"] == ["photos"]
+    assert not pool_mounts(daemon) and not disk.held()
+    assert daemon.volume("photos")["desired_state"] == "mounted"
+    disk.trigger("change")  # still plugged in: an ejected pool stays unmounted
+    time.sleep(1)
+    assert ok(daemon, "device", "show", "photos")["state"] == "ejected"
+    disk.remove()
+    disk.plug()  # plugged in again: a new plug mounts it
+    wait_volume(daemon, "photos", "back after re-plug", serving)
+
+
+def test_health_reports_a_filling_disk(daemon: Daemon, disk: Disk) -> None:
+    pool = pool_on(daemon, disk)
+    since = daemon.call("GET", "/health")["last_event_seq"]
+    mnt = volume_on_pool(daemon, pool)
+    shown = daemon.wait_for(lambda: (p := ok(daemon, "device", "show", "photos"))["health"]
+                            and p, 20, "a first health reading")
+    h = shown["health"]
+    assert h["status"] == "ok" and h["capacity"]["total_bytes"] > 200 << 20
+    assert h["smart"]["available"] is False and h["smart"]["reason"]  # a loop device
+    free = h["capacity"]["free_bytes"]
+    with open(mnt / "fill.bin", "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(int(free * 0.95) >> 20):
+            f.write(chunk)
+        os.fsync(f.fileno())
+    ev = daemon.wait_for(lambda: [e for e in daemon.events(since, "device_health")
+                                  if e["data"]["status"] == "degraded"], 20, "degraded")
+    assert "full" in ev[0]["data"]["reasons"][0] and ev[0]["data"]["id"] == pool["id"]
+    health = daemon.call("GET", "/health")
+    assert health["status"] == "degraded" and health["devices"][pool["id"]] == "degraded"
+    (mnt / "fill.bin").unlink()
+    syncfs(mnt)
+    daemon.wait_for(lambda: daemon.call("GET", "/health")["devices"][pool["id"]] == "ok",
+                    20, "ok again")
