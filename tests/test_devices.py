@@ -391,3 +391,23 @@ def test_health_reports_a_filling_disk(daemon: Daemon, disk: Disk) -> None:
     syncfs(mnt)
     daemon.wait_for(lambda: daemon.call("GET", "/health")["devices"][pool["id"]] == "ok",
                     20, "ok again")
+
+
+@pytest.mark.parametrize("fs_type", ["xfs", "btrfs"])
+def test_xfs_and_btrfs_pools(daemon: Daemon, tmp_path: Path, fs_type: str) -> None:
+    disk = Disk(tmp_path / f"{fs_type}.img", size=320 << 20)  # xfs wants 300 MiB at least
+    disk.plug()
+    try:
+        pool = ok(daemon, "device", "init", disk.node or "", "--fs", fs_type, "--label", "tank")
+        assert pool["state"] == "mounted" and pool["fs_type"] == fs_type, pool
+        mnt = volume_on_pool(daemon, pool, "tank")
+        digest = write_tree(mnt)
+        disk.trigger("remove")
+        wait_volume(daemon, "tank", "detached", lambda v: v["observed_state"] == "error")
+        disk.trigger("add")
+        wait_volume(daemon, "tank", "back", serving)
+        assert tree_digest(mnt) == digest
+        assert ok(daemon, "volume", "fsck", "tank")["ok"]
+    finally:
+        daemon.stop()
+        disk.detach()
