@@ -134,7 +134,7 @@ async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval:
     api.add_routes(bootstrap_routes(controller, tpm, assets, bus))
     api.add_routes(bundle_routes(controller, exporter, importer, jobs))
     api.add_routes(cluster_routes(registry))
-    api.add_routes(device_routes(devices))
+    api.add_routes(device_routes(devices, bus))
     server = ApiServer(paths.socket, api.dispatch, uploads=api.accepts_upload)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -144,7 +144,10 @@ async def serve(paths: Paths, kdf: KdfParams, scrypt_log_n: int, check_interval:
             await nursery.start(store.run)
             await nursery.start(exporter.run)
             await nursery.start(importer.run)
-            await nursery.start(devices.run)  # coldplug: pools mounted before any unlock
+            # Mount processes an earlier daemon left are ended before their pools are
+            # unmounted and checked: then coldplug mounts pools before any unlock.
+            await volumes.sweep()
+            await nursery.start(devices.run)
             nursery.start_soon(persist_audit, bus, store)
             await controller.start()
             await nursery.start(server.serve)

@@ -7,7 +7,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -104,6 +107,14 @@ def volume_on_pool(d: Daemon, pool: dict[str, Any], vid: str = "photos") -> Path
     return d.mount(vid)
 
 
+def after_a_reconcile(d: Daemon, act: Any) -> None:
+    """Do `act` (which makes udev send an event), then wait until the daemon has looked
+    again: a check that nothing changed is worth something only after that."""
+    before = d.call("GET", "/devices")["reconciles"]
+    act()
+    d.wait_for(lambda: d.call("GET", "/devices")["reconciles"] > before, 10, "a reconcile")
+
+
 def serving(v: dict[str, Any]) -> bool:
     return bool(v["attached"]) and v["observed_state"] == "mounted"
 
@@ -148,6 +159,11 @@ def test_init_makes_a_pool_udev_tags_and_a_volume_lives_on_it(daemon: Daemon,
 def test_init_refuses_in_use_system_and_data_disks(daemon: Daemon, disk: Disk,
                                                    tmp_path: Path) -> None:
     subprocess.run(["mkfs.ext4", "-q", "-L", "family", disk.node or ""], check=True)
+    family = tmp_path / "family"
+    family.mkdir()
+    subprocess.run(["mount", disk.node or "", str(family)], check=True)
+    (family / "holiday.jpg").write_bytes(b"family photo")
+    subprocess.run(["umount", str(family)], check=True)
     before = subprocess.run(["wipefs", "-n", "-J", disk.node or ""], capture_output=True,
                             check=True).stdout
     code, err = refused(daemon, "device", "init", disk.node or "")
@@ -176,7 +192,10 @@ def test_init_refuses_in_use_system_and_data_disks(daemon: Daemon, disk: Disk,
     # --yes erases the filesystem that was there.
     pool = ok(daemon, "device", "init", disk.node or "", "--yes", "--label", "new")
     assert pool["state"] == "mounted" and pool["label"] == "new"
-    assert not (daemon.run / "pools" / pool["id"] / "lost+found" / "x").exists()
+    root = daemon.run / "pools" / pool["id"]
+    assert sorted(os.listdir(root)) == [".piccolo-pool.json", "ciphertext", "lost+found"]
+    assert b"family" not in subprocess.run(["wipefs", "-n", "-J", disk.node or ""],
+                                           capture_output=True, check=True).stdout
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,8 +219,8 @@ def test_a_disk_that_dies_under_a_writer_and_comes_back(daemon: Daemon, disk: Di
     try:
         time.sleep(0.5)
         assert writer.poll() is None, "the writer did not start"
-        disk.die(daemon.run / "pools" / pool["id"])  # I/O fails with EIO; udev says remove
         t0 = time.monotonic()
+        disk.die(daemon.run / "pools" / pool["id"])  # I/O fails with EIO; udev says remove
         v = wait_volume(daemon, "photos", "the volume detached",
                         lambda v: v["observed_state"] == "error" and not v["attached"],
                         timeout=10)
@@ -221,7 +240,12 @@ def test_a_disk_that_dies_under_a_writer_and_comes_back(daemon: Daemon, disk: Di
     assert not pool_mounts(daemon) and not any(m[4] == str(mnt) for m in mountinfo())
     events = daemon.events(since, "device_event")
     assert [e["data"]["action"] for e in events] == ["removed"], events
-    assert events[0]["data"]["id"] == pool["id"] and events[0]["data"]["pool"] == "photos"
+    removed = events[0]["data"]
+    assert (removed["id"], removed["pool"], removed["device"]) == (pool["id"], "photos",
+                                                                   disk.node)
+    assert removed["size_bytes"] == 256 << 20 and removed["model"] == "loop"
+    with pytest.raises(PermissionError):  # nothing meant for the disk lands beside it
+        (daemon.run / "pools" / pool["id"] / "ciphertext").mkdir()
     assert daemon.proc is not None and daemon.proc.poll() is None
     assert ok(daemon, "device", "show", "photos")["state"] == "absent"
     _, err = refused(daemon, "volume", "attach", "photos")
@@ -250,15 +274,18 @@ def test_synthesized_remove_and_add(daemon: Daemon, disk: Disk) -> None:
                     timeout=DETACH_WITHIN + 1)
     assert v["last_error"] == "device removed"
     assert not pool_mounts(daemon)
-    disk.trigger("remove")  # seen twice: nothing more happens
+    gen = daemon.volume("photos")["generation"]
+    after_a_reconcile(daemon, lambda: disk.trigger("remove"))  # seen twice: nothing more
+    assert daemon.volume("photos")["generation"] == gen
     disk.trigger("add")
     wait_volume(daemon, "photos", "re-attached on add",
                 lambda v: serving(v) and not v["needs_repair"])
     gen = daemon.volume("photos")["generation"]
-    disk.trigger("add")  # an add for a pool already mounted changes nothing
-    disk.trigger("change")
-    time.sleep(1)
+    since = daemon.call("GET", "/health")["last_event_seq"]
+    after_a_reconcile(daemon, lambda: disk.trigger("add"))  # a pool already mounted
+    after_a_reconcile(daemon, lambda: disk.trigger("change"))
     assert daemon.volume("photos")["generation"] == gen
+    assert not daemon.events(since, "device_event")
     assert tree_digest(mnt) == digest
 
 
@@ -359,8 +386,8 @@ def test_eject_refuses_busy_then_leaves_the_disk_free(daemon: Daemon, disk: Disk
     assert res["safe_to_remove"] and res["state"] == "ejected" and res["detached"] == ["photos"]
     assert not pool_mounts(daemon) and not disk.held()
     assert daemon.volume("photos")["desired_state"] == "mounted"
-    disk.trigger("change")  # still plugged in: an ejected pool stays unmounted
-    time.sleep(1)
+    # Still plugged in: an ejected pool stays unmounted.
+    after_a_reconcile(daemon, lambda: disk.trigger("change"))
     assert ok(daemon, "device", "show", "photos")["state"] == "ejected"
     disk.remove()
     disk.plug()  # plugged in again: a new plug mounts it
@@ -411,3 +438,97 @@ def test_xfs_and_btrfs_pools(daemon: Daemon, tmp_path: Path, fs_type: str) -> No
     finally:
         daemon.stop()
         disk.detach()
+
+
+def test_only_root_makes_a_pool(udevd: Udevd) -> None:
+    base = Path(tempfile.mkdtemp(prefix="piccolo-devices-"))
+    base.chmod(0o755)  # reachable by another user: only the daemon's own check stops them
+    d = Daemon(base)
+    disk = Disk(base / "disk.img")
+    try:
+        d.start()
+        d.setup_and_unlock()
+        disk.plug()
+        os.chmod(d.run, 0o755)
+        script = ("import sys; from ctl.cli import Client, ApiError\n"
+                  "try:\n Client(sys.argv[1]).call('POST', '/devices/init',"
+                  " {'device': sys.argv[2], 'yes': True})\n"
+                  "except ApiError as e: print(e.status, e.code)\n")
+        # In the socket's group (root's), so served, but not root.
+        res = subprocess.run(["setpriv", "--reuid=1000", "--regid=0", "--clear-groups",
+                              sys.executable, "-c", script, str(d.socket), disk.node or ""],
+                             capture_output=True, text=True, timeout=60,
+                             cwd=str(Path(__file__).resolve().parents[1]))
+        assert res.stdout.split() == ["403", "forbidden"], res.stdout + res.stderr
+        assert subprocess.run(["wipefs", "-n", disk.node or ""], capture_output=True,
+                              text=True, check=True).stdout == ""  # nothing was made
+    finally:
+        d.stop()
+        disk.detach()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_lazy_eject_says_when_the_disk_is_really_free(daemon: Daemon, disk: Disk) -> None:
+    pool = pool_on(daemon, disk)
+    mnt = volume_on_pool(daemon, pool)
+    write_tree(mnt)
+    held = open(mnt / "notes.txt")  # closed below, after the eject
+    try:
+        res = ok(daemon, "device", "eject", "photos", "--lazy")
+        assert res["state"] == "ejected" and res["detached"] == ["photos"]
+        assert res["safe_to_remove"] is False and disk.held()
+        assert ok(daemon, "device", "show", "photos")["safe_to_remove"] is False
+    finally:
+        held.close()
+    daemon.wait_for(lambda: ok(daemon, "device", "show", "photos")["safe_to_remove"], 20,
+                    "the disk let go of once the last file closed")
+    assert not disk.held()
+
+
+def test_a_pool_that_cannot_be_adopted_is_never_erased(daemon: Daemon, disk: Disk) -> None:
+    pool = pool_on(daemon, disk)
+    root = daemon.run / "pools" / pool["id"]
+    ok(daemon, "device", "eject", "photos")
+    # The marker damaged: the filesystem still carries the pool's UUID.
+    tmp = root.parent / "x"
+    tmp.mkdir()
+    subprocess.run(["mount", disk.node or "", str(tmp)], check=True)
+    try:
+        (tmp / ".piccolo-pool.json").write_text("{not json")
+    finally:
+        subprocess.run(["umount", str(tmp)], check=True)
+        tmp.rmdir()
+    _, err = refused(daemon, "device", "init", disk.node or "", "--yes")
+    assert "cannot be adopted" in err["message"] and "not erased" in err["message"], err
+    out = subprocess.run(["blkid", "-p", "-o", "value", "-s", "UUID", disk.node or ""],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == pool["id"]  # the pool is still there
+
+
+def test_health_judges_smart_reports() -> None:
+    from ctl.devices.health import Thresholds, judge, parse_smart
+
+    limits = Thresholds()
+    ata_ok = {"smart_status": {"passed": True}, "smart_support": {"enabled": True},
+              "ata_smart_attributes": {"table": [
+                  {"id": 5, "raw": {"value": 0}}, {"id": 197, "raw": {"value": 0}}]}}
+    assert judge(None, {}, parse_smart(ata_ok, 0), limits) == ("ok", [])
+    ata_bad = {**ata_ok, "ata_smart_attributes": {"table": [{"id": 5, "raw": {"value": 8}}]}}
+    assert judge(None, {}, parse_smart(ata_bad, 0), limits) == \
+        ("degraded", ["8 reallocated or pending sectors"])
+    failing = {**ata_ok, "smart_status": {"passed": False}}
+    state, reasons = judge(None, {}, parse_smart(failing, 0b1000), limits)
+    assert state == "failing" and reasons[0] == "SMART says the disk is failing"
+    nvme = {"smart_status": {"passed": True},
+            "nvme_smart_health_information_log": {"critical_warning": 4,
+                                                  "percentage_used": 95, "media_errors": 0}}
+    state, reasons = judge(None, {}, parse_smart(nvme, 0), limits)
+    assert state == "failing" and "NVMe critical warning 0x4" in reasons
+    assert "95% of the rated endurance used" in reasons
+    unsupported = {"smartctl": {"messages": [{"string": "/dev/loop3: Unable to detect "
+                                                        "device type"}]}}
+    smart = parse_smart(unsupported, 1)
+    assert smart == {"available": False, "reason": "/dev/loop3: Unable to detect device type"}
+    full = {"total_bytes": 100, "free_bytes": 5, "used_ratio": 0.95}
+    assert judge(full, {"io_errors": 2}, smart, limits) == \
+        ("degraded", ["the filesystem is 95% full", "2 io errors counted by the kernel"])

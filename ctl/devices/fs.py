@@ -57,7 +57,9 @@ async def check(fs_type: str, node: str) -> None:
 
 
 async def mount(fs_type: str, node: str, where: Path) -> None:
-    await _run(["mount", "-t", fs_type, "-o", MOUNT_OPTIONS, node, str(where)],
+    # ext4 turns read-only on the first error it finds rather than writing on.
+    options = MOUNT_OPTIONS + (",errors=remount-ro" if fs_type == "ext4" else "")
+    await _run(["mount", "-t", fs_type, "-o", options, node, str(where)],
                MOUNT_TIMEOUT, f"mounting {node}")
 
 

@@ -65,13 +65,16 @@ def error_counters(dev: BlockDevice, fs_uuid: str) -> dict[str, int]:
     if ext4 is not None:
         out["fs_errors"] = ext4
     devinfo = SYS_FS / "btrfs" / fs_uuid / "devinfo"
-    if devinfo.is_dir():
-        total = 0
-        for stats in devinfo.glob("*/error_stats"):
-            for line in stats.read_text().splitlines():
-                parts = line.split()
-                if len(parts) == 2 and parts[1].isdigit():
-                    total += int(parts[1])
+    total = 0
+    for stats in devinfo.glob("*/error_stats"):
+        try:
+            lines = stats.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                total += int(parts[1])
         out["fs_errors"] = total
     return out
 
@@ -85,13 +88,15 @@ async def smart(disk_node: str) -> dict[str, Any]:
                                          check=False, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         return {"available": False, "reason": "smartctl is not installed (smartmontools)"}
+    except OSError as exc:
+        return {"available": False, "reason": f"smartctl cannot run: {exc.strerror or exc}"}
     except trio.TooSlowError:
         return {"available": False, "reason": f"smartctl did not answer in {SMART_TIMEOUT:.0f} s"}
     try:
         report = json.loads(res.stdout)
-    except ValueError:
-        return {"available": False, "reason": "smartctl gave no JSON"}
-    return parse_smart(report, res.returncode)
+        return parse_smart(report, res.returncode)
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return {"available": False, "reason": "smartctl's report is not of the expected shape"}
 
 
 def parse_smart(report: dict[str, Any], status: int) -> dict[str, Any]:

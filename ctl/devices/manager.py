@@ -49,7 +49,8 @@ log = logging.getLogger("ctl.devices")
 RESCAN_INTERVAL = 30.0
 HEALTH_INTERVAL = 300.0
 REMOVED = "device removed"
-STATES = ("mounted", "absent", "ejected", "error")
+# "leaving": its volumes are being ended (removal, eject); no volume may attach meanwhile.
+STATES = ("mounted", "leaving", "absent", "ejected", "error")
 
 
 @dataclass(eq=False)
@@ -66,6 +67,7 @@ class Pool:
     # alone until it leaves, so that events about it do not mount it again and again.
     left_alone: str | None = None
     health: dict[str, Any] | None = None
+    held_by_drain: str | None = None  # after a lazy eject: the node, until it is let go
 
     def remembered(self) -> dict[str, Any]:
         return {"label": self.label, "fs_type": self.fs_type, "last_seen": self.last_seen,
@@ -85,10 +87,11 @@ class DeviceManager:
         self.thresholds = thresholds or Thresholds()
         self._pools: dict[str, Pool] = {}
         self._lock = trio.Lock()
-        self._context = pyudev.Context()
         self._health_now = trio.Event()
         self.hotplug = "starting"  # or "udev", or why hotplug is not available
+        self.reconciles = 0  # completed passes: a client can wait for the next one
         volumes.pools = self
+        self._load()
 
     # ---------------------------------------------------------------------------------
     # the Pools protocol of ctl.volumes
@@ -115,7 +118,7 @@ class DeviceManager:
         await self._sweep()
         try:
             async with trio.open_nursery() as nursery:
-                await self.reconcile()
+                await self._reconcile_safely()
                 nursery.start_soon(self._follow_udev)
                 nursery.start_soon(self._rescan)
                 nursery.start_soon(self._watch_health)
@@ -132,21 +135,31 @@ class DeviceManager:
                         await self._unmount_quietly(self.paths.pool_mount(pool.id))
 
     async def _follow_udev(self) -> None:
-        if not blockdev.udev_running():
-            self.hotplug = "udev is not running: pools are found by the periodic rescan"
-            log.warning("%s", self.hotplug)
-        async for batch in watch(self._context, on_ready=self._udev_ready):
-            if batch is None:
-                log.warning("udev events were lost; rescanning every block device")
-            await self.reconcile()
+        async with contextlib.aclosing(watch(pyudev.Context(), on_ready=self._udev_ready)
+                                       ) as batches:
+            async for batch in batches:
+                if batch is None:
+                    log.warning("udev events were lost; rescanning every block device")
+                await self._reconcile_safely()
 
     def _udev_ready(self) -> None:
-        self.hotplug = "udev"
+        self.hotplug = "udev" if blockdev.udev_running() else \
+            "udev is not running: pools are found by the periodic rescan"
+        if self.hotplug != "udev":
+            log.warning("%s", self.hotplug)
 
     async def _rescan(self) -> None:
         while True:
             await trio.sleep(self.rescan_interval)
+            await self._reconcile_safely()
+
+    async def _reconcile_safely(self) -> None:
+        """A pass that fails (a disk answering errors, a full state dir) is logged and the
+        next event or rescan tries again: it never ends the daemon."""
+        try:
             await self.reconcile()
+        except Exception:
+            log.exception("reconciling storage pools failed; trying again at the next event")
 
     async def _sweep(self) -> None:
         """Pool mounts an earlier daemon left: unmounted, so each is mounted afresh (and
@@ -164,14 +177,32 @@ class DeviceManager:
     # ---------------------------------------------------------------------------------
     async def reconcile(self) -> None:
         async with self._lock:
-            await self._reconcile()
+            try:
+                await self._reconcile()
+            finally:
+                self.reconciles += 1
 
     async def _reconcile(self) -> None:
-        devices = await trio.to_thread.run_sync(blockdev.scan, self._context)
-        present: dict[str, BlockDevice] = {}
+        # A context per pass: libudev contexts must not be shared between threads.
+        devices = await trio.to_thread.run_sync(lambda: blockdev.scan(pyudev.Context()))
+        carriers: dict[str, list[BlockDevice]] = {}
         for found in devices:
-            if found.is_pool and found.pool_id not in present:
-                present[found.pool_id] = found
+            if found.is_pool:
+                carriers.setdefault(found.pool_id, []).append(found)
+        present: dict[str, BlockDevice] = {}
+        for pool_id, devs in carriers.items():
+            known = self._pools.get(pool_id)
+            mine = [d for d in devs if known is not None and known.device is not None
+                    and d.instance == known.device.instance and d.node == known.device.node]
+            if mine:
+                present[pool_id] = mine[0]  # a clone plugged in beside it changes nothing
+            elif len(devs) == 1:
+                present[pool_id] = devs[0]
+            elif known is None or known.error != _clones(devs):
+                pool = self._pools.setdefault(pool_id, Pool(pool_id))
+                pool.state, pool.error = "error", _clones(devs)
+                log.error("pool %s: %s", pool_id, pool.error)
+                self._publish("added", pool, devs[0])
         mounts = mountinfo.mounts()
         for pool in builtins.list(self._pools.values()):
             dev = present.get(pool.id)
@@ -197,6 +228,9 @@ class DeviceManager:
                                       or known.left_alone == plugged.instance):
                 continue
             await self._arrive(plugged)
+        for pool_id, known in self._pools.items():
+            if pool_id not in carriers and known.state == "error":
+                known.state = "absent"  # the disk in error left
 
     async def _arrive(self, dev: BlockDevice) -> None:
         pool = self._pools.setdefault(dev.pool_id, Pool(dev.pool_id))
@@ -210,7 +244,7 @@ class DeviceManager:
             await fs.mount(dev.fs_type, dev.node, where)
             mounted = True
             mark = await trio.to_thread.run_sync(marker.read, where, dev.fs_uuid)
-        except (Failed, marker.MarkerError, OSError) as exc:
+        except (CtlError, marker.MarkerError, OSError) as exc:
             text = exc.message if isinstance(exc, CtlError) else str(exc)
             log.error("pool %s on %s: %s", pool.id, dev.node, text)
             if mounted:
@@ -222,6 +256,7 @@ class DeviceManager:
             return
         pool.label, pool.fs_type = mark.label, mark.fs_type
         pool.state, pool.error, pool.device, pool.left_alone = "mounted", "", dev, None
+        pool.held_by_drain = None
         pool.last_device, pool.last_seen = dev.describe(), utc_now()
         await trio.to_thread.run_sync(self._save)
         log.info("pool %s (%s) mounted from %s", pool.label, pool.id, dev.node)
@@ -232,6 +267,7 @@ class DeviceManager:
             log.error("pool %s: volumes not re-attached: %s", pool.id, ", ".join(failed))
 
     async def _lose(self, pool: Pool, cause: str) -> None:
+        pool.state = "leaving"  # from here on no volume of it attaches
         ended = await self.volumes.pool_lost(pool.id, cause)
         log.warning("pool %s: %s; volumes ended: %s", pool.id, cause,
                     ", ".join(ended) or "none")
@@ -274,10 +310,7 @@ class DeviceManager:
         if not shutil.which(f"mkfs.{fs_type}"):
             raise Failed(f"mkfs.{fs_type} is not installed on this machine")
         async with self._lock:
-            try:
-                dev = await trio.to_thread.run_sync(blockdev.lookup, self._context, node)
-            except ValueError as exc:
-                raise InvalidInput(str(exc)) from None
+            dev = await self._lookup(node)
             ours = [p for p in self._pools.values() if p.state == "mounted"
                     and p.device is not None and p.device.devnum == dev.devnum]
             if ours:
@@ -297,6 +330,11 @@ class DeviceManager:
                                                            else "") for s in found)
                     raise Conflict(f"{node} holds {what}; nothing was changed: pass --yes "
                                    "(yes=true) to erase it")
+                # The device checked must be the one formatted: a disk swapped in under
+                # the same name meanwhile is refused.
+                again = await self._lookup(node)
+                if (again.devnum, again.instance) != (dev.devnum, dev.instance):
+                    raise Conflict(f"{node} changed while it was checked; nothing was changed")
                 pool_id = marker.new_pool_id()
                 await fs.make(fs_type, dev.node, pool_id, label)
                 await self._write_marker(dev.node, marker.Marker.new(pool_id, label, fs_type))
@@ -307,17 +345,30 @@ class DeviceManager:
             if known is not None and known.state != "mounted":
                 known.left_alone = None  # asked for by name: mount it again
             await self._reconcile()
-        return self.show(pool_id)
+            result = self.show(pool_id)
+        if result["state"] != "mounted":
+            raise Failed(f"{node}: the pool {pool_id} was made but cannot be used: "
+                         f"{result['error'] or result['state']}")
+        return result
+
+    async def _lookup(self, node: str) -> BlockDevice:
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: blockdev.lookup(pyudev.Context(), node))
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
 
     async def _adoptable(self, dev: BlockDevice, found: list[dict[str, Any]]) -> str | None:
-        """The pool id, when the device holds exactly one pool filesystem with its marker."""
-        if len(found) != 1 or found[0].get("type") not in marker.FS_TYPES or \
-                not marker.is_pool_uuid(str(found[0].get("uuid"))):
+        """The pool id, when the device holds exactly one pool filesystem with its marker.
+        A pool that cannot be read is never taken for foreign data: refused, even with
+        --yes (its volumes would be lost), so erasing it is a deliberate act elsewhere."""
+        pool_sigs = [s for s in found if marker.is_pool_uuid(str(s.get("uuid")))]
+        if not pool_sigs:
             return None
-        fs_uuid = str(found[0]["uuid"]).lower()
-        pool = self._pools.get(fs_uuid)
-        if pool is not None and pool.state == "mounted":
-            return fs_uuid
+        fs_uuid = str(pool_sigs[0]["uuid"]).lower()
+        if len(found) != 1 or found[0].get("type") not in marker.FS_TYPES:
+            raise Conflict(f"{dev.node} holds Piccolo pool {fs_uuid} beside other data; "
+                           "nothing was changed")
         where = self.paths.pools_dir / f".probe-{secrets.token_hex(4)}"
         try:
             await trio.to_thread.run_sync(lambda: where.mkdir(mode=0o700, parents=True))
@@ -326,8 +377,12 @@ class DeviceManager:
                 await trio.to_thread.run_sync(marker.read, where, fs_uuid)
             finally:
                 await fs.unmount(where, lazy=False)
-        except (Failed, marker.MarkerError):
-            return None
+        except (CtlError, marker.MarkerError) as exc:
+            why = exc.message if isinstance(exc, CtlError) else str(exc)
+            raise Conflict(f"{dev.node} holds Piccolo pool {fs_uuid}, which cannot be adopted "
+                           f"({why}); it is not erased, even with --yes: its volumes would "
+                           "be lost (erase it by hand, e.g. wipefs -a, if that is meant)"
+                           ) from None
         finally:
             await trio.to_thread.run_sync(_remove_dir, where)
         return fs_uuid
@@ -352,6 +407,9 @@ class DeviceManager:
             pool = self._resolve(ident)
             if pool.state != "mounted":
                 raise Conflict(f"pool {self.name(pool.id)} is not mounted ({pool.state})")
+            dev = pool.device
+            assert dev is not None
+            pool.state = "leaving"  # no volume of it attaches from here on
             done: list[str] = []
             try:
                 for vid in self.volumes.on_pool(pool.id):
@@ -359,15 +417,20 @@ class DeviceManager:
                         await self.volumes.detach(vid, lazy=lazy, keep_intent=True)
                         done.append(vid)
                 await self._release(pool, lazy)
-            except Busy:
-                await self.volumes.pool_back(pool.id)
+            except BaseException:
+                pool.state = "mounted"
+                with trio.CancelScope(shield=True):
+                    await self.volumes.pool_back(pool.id)
                 raise
-            dev = pool.device
             pool.state, pool.error, pool.device = "ejected", "", None
-            pool.left_alone = dev.instance if dev is not None else None
-            log.info("pool %s ejected; volumes detached: %s", pool.id, ", ".join(done) or "none")
+            pool.left_alone = dev.instance
+            # A lazy eject leaves files open on it: the disk is free only once they close.
+            free = await trio.to_thread.run_sync(_released, dev.node)
+            pool.held_by_drain = None if free else dev.node
+            log.info("pool %s ejected; volumes detached: %s%s", pool.id,
+                     ", ".join(done) or "none", "" if free else "; still in use")
             self._publish("removed", pool, dev)
-        return {**self.show(pool.id), "detached": done, "safe_to_remove": True}
+        return {**self.show(pool.id), "detached": done, "safe_to_remove": free}
 
     # ---------------------------------------------------------------------------------
     # views
@@ -390,14 +453,17 @@ class DeviceManager:
 
     def show(self, ident: str) -> dict[str, Any]:
         pool = self._resolve(ident)
-        mounted = pool.state == "mounted"
+        mounted = pool.state in ("mounted", "leaving")
+        if pool.held_by_drain is not None and _released(pool.held_by_drain):
+            pool.held_by_drain = None
         device = pool.device.describe() if pool.device is not None else pool.last_device
         return {"id": pool.id, "label": pool.label or None, "fs_type": pool.fs_type or None,
                 "state": pool.state, "error": pool.error or None,
                 "mountpoint": str(self.paths.pool_mount(pool.id)) if mounted else None,
                 "device": device or None, "present": pool.device is not None,
                 "volumes": self.volumes.on_pool(pool.id), "health": pool.health,
-                "safe_to_remove": not mounted, "last_seen": pool.last_seen or None}
+                "safe_to_remove": not mounted and pool.held_by_drain is None,
+                "last_seen": pool.last_seen or None}
 
     def list(self) -> builtins.list[dict[str, Any]]:
         self._remember_known()
@@ -420,10 +486,10 @@ class DeviceManager:
             pid = vol.get("pool")
             if pid and pid not in self._pools:
                 self._pools[pid] = Pool(pid)
-        if not self._pools and self.paths.pools_file.exists():
-            self._load()
 
     def _load(self) -> None:
+        if not self.paths.pools_file.exists():
+            return
         try:
             data = json.loads(self.paths.pools_file.read_bytes())
             known = data["pools"]
@@ -466,7 +532,10 @@ class DeviceManager:
             with trio.move_on_after(self.health_interval):
                 await self._health_now.wait()
             self._health_now = trio.Event()
-            await self.check_health()
+            try:
+                await self.check_health()
+            except Exception:
+                log.exception("reading the pools' health failed; trying again later")
 
     async def check_health(self) -> None:
         for pool in builtins.list(self._pools.values()):
@@ -495,6 +564,22 @@ def _bare(where: Path) -> None:
         mountpoint.guard(where)
     except OSError as exc:
         log.warning("pool mountpoint %s cannot refuse writes: %s", where, exc)
+
+
+def _released(node: str) -> bool:
+    """Nothing holds the device any more (no filesystem, even lazily detached): an
+    exclusive open succeeds only then."""
+    try:
+        fd = os.open(node, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _clones(devs: list[BlockDevice]) -> str:
+    return (f"{len(devs)} disks carry this pool ({', '.join(d.node for d in devs)}): a "
+            "copy? none is mounted until one is unplugged")
 
 
 def _prepare_root(root: Path, mark: marker.Marker) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import pyudev
 import trio
@@ -24,7 +24,7 @@ RESTART_DELAY = 5.0
 
 
 async def watch(context: pyudev.Context, on_ready: Callable[[], None] = lambda: None
-                ) -> AsyncIterator[list[pyudev.Device] | None]:
+                ) -> AsyncGenerator[list[pyudev.Device] | None, None]:
     """Batches of block events as udev has processed them (after its rules ran); an empty
     one each time the monitor starts listening, `None` when events may have been lost.
     Runs until cancelled; a broken monitor is re-made."""
@@ -59,8 +59,9 @@ async def watch(context: pyudev.Context, on_ready: Callable[[], None] = lambda: 
                     batch.append(dev)
                 yield None if lost else batch
         except OSError as exc:
-            log.error("the udev monitor failed (%s); re-made", exc)
+            log.error("the udev monitor failed (%s); re-made in %.0f s", exc, RESTART_DELAY)
         finally:
             # trio must forget the fd before it is closed under it.
             trio.lowlevel.notify_closing(monitor.fileno())
             del monitor
+        await trio.sleep(RESTART_DELAY)

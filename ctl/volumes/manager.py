@@ -245,10 +245,13 @@ class VolumeManager:
                 continue
             try:
                 await self.attach(vid, self._resume_role(vol))
-            except CtlError as exc:
+            except Exception as exc:
                 failed.append(vid)
                 log.error("volume %s: re-attach on pool %s failed: %s", vid, pool_id,
-                          exc.message)
+                          _message(exc))
+                async with vol.lock:
+                    if vol.child is None and self.pool_absent(vid) is None:
+                        self._schedule_retry(vol)  # e.g. an earlier mount still drains
         return failed
 
     def _meta(self, vol: Volume) -> VolumeMeta:
@@ -413,7 +416,8 @@ class VolumeManager:
                     else "the state dir"
                 raise Conflict(f"volume {volume_id} already exists on {where}; volumes are "
                                "never moved")
-            if pool is not None and not exists:
+            fresh = pool is not None and not exists
+            if pool is not None and fresh:
                 if self.pools is None or self.pools.where(pool) is None:
                     raise PoolAbsent(f"pool {pool} is not present")
                 # The journal names the pool first: a crash before the volume is made
@@ -426,12 +430,26 @@ class VolumeManager:
                 absent = self.pool_absent(volume_id)
                 if absent is not None:
                     raise PoolAbsent(absent)
-                await self._create(volume_id, volume_class, cluster_mode, follower_policy)
+                try:
+                    await self._create(volume_id, volume_class, cluster_mode, follower_policy)
+                except BaseException:
+                    if fresh:  # nothing was made: no volume is left behind in the list
+                        self._forget(vol)
+                    raise
             if vol.child is None:
                 await self._unmounted(vol)
             if not self.paths.journal(volume_id).exists() and vol.intent_lost is None:
                 self._journal(vol)
         return self.info(volume_id)
+
+    def _forget(self, vol: Volume) -> None:
+        """Drop a volume whose creation failed before anything existed but its journal."""
+        path = self.paths.journal(vol.id)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+        self._vols.pop(vol.id, None)
 
     async def _create(self, volume_id: str, volume_class: str, cluster_mode: str,
                       follower_policy: str) -> None:
@@ -526,11 +544,15 @@ class VolumeManager:
             raise Busy(f"volume {vol.id}: the previous mount still serves open files; "
                        "attach again once they are closed")
         cipher = self.cipher_dir(vol.id)
-        try:
-            load_config(str(cipher))
+        try:  # off the event loop: on a pool, this is the first read of a disk that may hang
+            await trio.to_thread.run_sync(load_config, str(cipher), abandon_on_cancel=True)
         except (FormatError, CipherDirError) as exc:
             self._journal(vol, desired="mounted", observed="error", role=role, cause=str(exc))
             raise StateCorrupt(conf_path(str(cipher)), str(exc)) from None
+        except OSError as exc:
+            cause = f"{conf_path(str(cipher))} cannot be read: {exc.strerror or exc}"
+            self._journal(vol, desired="mounted", observed="error", role=role, cause=cause)
+            raise Failed(f"volume {vol.id}: {cause}") from None
         try:
             passphrase = bytearray(given) if given is not None else meta.unseal(self.keys.sdek())
         except MetadataCorrupted as exc:
