@@ -1,12 +1,14 @@
-"""piccolofs vs gocryptfs vs a plain directory, side by side, in one run.
+"""piccolofs vs gocryptfs vs securefs vs a plain directory, side by side, in one run.
 
     python -m benchmarks.run                 # full suite on tmpfs (~20 min)
     python -m benchmarks.run --quick         # smaller sizes, 1 repetition (~3 min)
     python -m benchmarks.run --disk /var/tmp --only sequential,sqlite_wal
 
-Every workload runs on the three targets in rotating order (A B C, B C A, ...) for each
-repetition; the report gives medians, the speed ratio piccolofs/gocryptfs (>1 = faster) and
-each mount process's peak RSS and CPU seconds per workload. Results are also written as JSON.
+Every workload runs on every target in rotating order (A B C D, B C D A, ...) for each
+repetition; the report gives medians, the speed ratios piccolofs/gocryptfs and
+piccolofs/securefs (>1 = piccolofs faster) and each mount process's peak RSS and CPU seconds
+per workload. securefs is left out (and said so) where it is not installed. Results are
+also written as JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from benchmarks import workloads as w
 from benchmarks.targets import Target, backing_store, target
 
 BASE_TARGETS = ("plain", "piccolofs", "gocryptfs")
+PEERS = ("gocryptfs", "securefs")
 HERE = Path(__file__).resolve().parent
 SDIST = "Django==5.1.4"
 
@@ -69,7 +72,9 @@ def machine() -> dict[str, Any]:
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     mem = next(int(ln.split()[1]) for ln in meminfo if ln.startswith("MemTotal"))
     versions = {}
-    for name, cmd in (("gocryptfs", ["gocryptfs", "-version"]), ("fio", ["fio", "--version"])):
+    for name, cmd in (("gocryptfs", ["gocryptfs", "-version"]), ("fio", ["fio", "--version"]),
+                      ("securefs", ["dpkg-query", "-W", "-f", "securefs ${Version}",
+                                    "securefs"])):
         try:
             versions[name] = subprocess.run(cmd, capture_output=True, text=True
                                             ).stdout.strip().splitlines()[0]
@@ -95,7 +100,8 @@ def run(reps: int, quick: bool, only: set[str] | None, disk: str | None,
     scratch = Path(tempfile.mkdtemp(prefix="piccolofs-bench-src-"))
     for rev in compare:
         sources[rev] = checkout(rev, scratch / rev.replace("/", "_"))
-    targets = (*BASE_TARGETS[:2], *[f"piccolofs@{rev}" for rev in compare], BASE_TARGETS[2])
+    peers = [p for p in PEERS if shutil.which(p)]
+    targets = (*BASE_TARGETS[:2], *[f"piccolofs@{rev}" for rev in compare], *peers)
     try:
         return _run(reps, quick, only, disk, tarball, targets, sources)
     finally:
@@ -146,9 +152,10 @@ def _run(reps: int, quick: bool, only: set[str] | None, disk: str | None,
             row: dict[str, Any] = {"median": med}
             better = w.higher_is_better(metric)
             for kind in targets:
-                if kind.startswith("piccolofs") and med.get("gocryptfs") and med.get(kind):
-                    row["vs_gocryptfs" + kind[len("piccolofs"):]] = (
-                        med[kind] / med["gocryptfs"] if better else med["gocryptfs"] / med[kind])
+                for peer in PEERS:
+                    if kind.startswith("piccolofs") and med.get(peer) and med.get(kind):
+                        row[f"vs_{peer}" + kind[len("piccolofs"):]] = (
+                            med[kind] / med[peer] if better else med[peer] / med[kind])
             table[metric] = row
         results["workloads"][name] = table
     return results
@@ -158,17 +165,19 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     targets = results["targets"]
     pics = [t for t in targets if t.startswith("piccolofs")]
+    pairs = [(p, peer) for peer in PEERS if peer in targets for p in pics]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel "
-             f"{m['kernel']}, Python {m['python']}, {m['gocryptfs']}; backing "
+             f"{m['kernel']}, Python {m['python']}, {m['gocryptfs']}, "
+             f"{m.get('securefs', 'no securefs')}; backing "
              f"{results['backing']}; medians of {results['reps']} rep(s); {results['date']}.",
              "", "| workload | metric | " + " | ".join(targets) + " | "
-             + " | ".join(f"{p} vs gocryptfs" for p in pics) + " |",
-             "|---|---|" + "---:|" * (len(targets) + len(pics))]
+             + " | ".join(f"{p} vs {peer}" for p, peer in pairs) + " |",
+             "|---|---|" + "---:|" * (len(targets) + len(pairs))]
     for name, table in results["workloads"].items():
         for metric, row in table.items():
             med = row["median"]
             cells = [f"{med[k]:.4g}" if k in med else "-" for k in targets]
-            ratios = [row.get("vs_gocryptfs" + p[len("piccolofs"):]) for p in pics]
+            ratios = [row.get(f"vs_{peer}" + p[len("piccolofs"):]) for p, peer in pairs]
             cells += [f"{r:.2f}x" if r else "-" for r in ratios]
             lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
     lines += ["", "Mount process per workload (peak RSS MiB / CPU s):", "",

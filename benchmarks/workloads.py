@@ -51,7 +51,7 @@ def sequential(t: Target, size_mb: int = 512) -> Metrics:
         os.close(fd)
 
     w = _timed(write)
-    drop_caches()
+    drop_caches(t.root, t.backing)
     r = _timed(read)
     path.unlink()
     return {"seq_write_mb_s": size_mb / w, "seq_read_cold_mb_s": size_mb / r}
@@ -71,7 +71,7 @@ def _fio(t: Target, rw: str, runtime: int) -> float:
 def random_io(t: Target, runtime: int = 5) -> Metrics:
     out = {"rand_read_4k_iops_per_s": 0.0, "rand_write_4k_iops_per_s": 0.0}
     out["rand_write_4k_iops_per_s"] = _fio(t, "randwrite", runtime)
-    drop_caches()
+    drop_caches(t.root, t.backing)
     out["rand_read_4k_iops_per_s"] = _fio(t, "randread", runtime)
     (t.root / "fio.bin").unlink()
     return out
@@ -90,9 +90,9 @@ def small_files(t: Target, count: int = 5000) -> Metrics:
             os.close(fd)
 
     created = _timed(create)
-    drop_caches()
+    drop_caches(t.root, t.backing)
     stat = _timed(lambda: [os.stat(d / f"f{i:05d}") for i in range(count)])
-    drop_caches()
+    drop_caches(t.root, t.backing)
     listed = _timed(lambda: os.listdir(d))
     unlinked = _timed(lambda: [os.unlink(d / f"f{i:05d}") for i in range(count)])
     d.rmdir()
@@ -108,10 +108,10 @@ def source_tree(t: Target, tarball: Path) -> Metrics:
         members = tf.getmembers()
     extract = _timed(lambda: subprocess.run(["tar", "-xf", str(tarball), "-C", str(dest)],
                                             check=True))
-    drop_caches()
+    drop_caches(t.root, t.backing)
     lslr = _timed(lambda: subprocess.run(["ls", "-lR", str(dest)], check=True,
                                          stdout=subprocess.DEVNULL))
-    drop_caches()
+    drop_caches(t.root, t.backing)
 
     def read_all() -> None:
         for root, _, files in os.walk(dest):
@@ -147,7 +147,7 @@ def sqlite_wal(t: Target, rows: int = 20000, per_txn: int = 100) -> Metrics:
     commit_s = _timed(load)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
-    drop_caches()
+    drop_caches(t.root, t.backing)
 
     def scan() -> None:
         c = sqlite3.connect(path)
@@ -189,9 +189,9 @@ def dir_scaling(t: Target, sizes: tuple[int, ...] = (1000, 10000, 100000)) -> Me
         d.mkdir()
         for i in range(n):
             os.close(os.open(d / f"entry-{i:06d}", os.O_WRONLY | os.O_CREAT, 0o644))
-        drop_caches()
+        drop_caches(t.root, t.backing)
         listed = _timed(lambda d=d: [e.stat() for e in os.scandir(d)])
-        drop_caches()
+        drop_caches(t.root, t.backing)
         names = [f"entry-{random.Random(n).randrange(n):06d}" for _ in range(1000)]
         lookups = _timed(lambda d=d, names=names: [os.stat(d / x) for x in names])
         out[f"readdir_stat_{n}_us"] = listed / n * 1e6
@@ -214,7 +214,7 @@ def file_scaling(t: Target, sizes_mb: tuple[int, ...] = (1, 64, 1024, 8192)) -> 
             os.close(fd)
 
         w = _timed(write)
-        drop_caches()
+        drop_caches(t.root, t.backing)
         r = _timed(lambda path=path: subprocess.run(["cat", str(path)], check=True,
                                                     stdout=subprocess.DEVNULL))
         out[f"write_{mb}mb_mb_s"] = mb / w
@@ -231,7 +231,7 @@ def parallel_readers(t: Target, size_mb: int = 256, readers: tuple[int, ...] = (
             f.write(os.urandom(MiB))
     out: Metrics = {}
     for n in readers:
-        drop_caches()
+        drop_caches(t.root, t.backing)
         chunk = size_mb * MiB // n
 
         def reader(i: int, chunk: int = chunk) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (docs/performance.md), each side by side with its peer in one run:
-#   piccolofs vs gocryptfs vs a plain directory (`python -m benchmarks.run`; a tmpfs backing
-#   store by default, --disk DIR for a disk), then backups: export and import of a device
+#   piccolofs vs gocryptfs vs securefs vs a plain directory (`python -m benchmarks.run`; a
+#   tmpfs backing store by default, --disk DIR for a disk), then backups: export and import of a device
 #   against tar of the same ciphertext (`python -m benchmarks.bundles`, on /var/tmp's disk,
 #   or the --disk given).
 # Arguments go to `python -m benchmarks.run` (e.g. --quick, --disk /var/tmp, --compare REV);
@@ -11,6 +11,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$REPO"
+# securefs (C++) is the second peer beside gocryptfs.
+if ! dpkg-query -W -f='${Status}' securefs 2>/dev/null | grep -q "install ok installed"; then
+    apt-get install -y -qq securefs >/dev/null || echo "bench: securefs not installed" >&2
+fi
 if [ "${1:-}" = bundles ]; then
     shift
     exec python -m benchmarks.bundles "$@"
