@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -116,3 +117,38 @@ def test_fallocate_passes_the_read_only_gate_first(volume: PiccoloMount) -> None
     finally:
         os.close(fd)
         volume.set_role("leader")
+
+
+@patched
+@pytest.mark.parametrize("fallocate", ["native", "posix"])
+def test_fio_verify_jobs_pass(volume: PiccoloMount, tmp_path: Path, fallocate: str) -> None:
+    """fio lays its files out with fallocate(2) (native: the call itself; posix: glibc's
+    posix_fallocate) before writing, then reads every block back against its checksum.
+    A data error in any block fails the job (verify_fatal)."""
+    job = tmp_path / "verify.fio"
+    job.write_text(f"""[global]
+directory={volume.mnt}
+size=24m
+fallocate={fallocate}
+verify=crc32c
+verify_fatal=1
+do_verify=1
+ioengine=psync
+[seq]
+rw=write
+bs=128k
+[rand]
+rw=randwrite
+bs=4k
+[mixed]
+rw=randrw
+bs=16k
+""")
+    res = subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    jobs = {j["jobname"]: j for j in json.loads(res.stdout[res.stdout.index("{"):])["jobs"]}
+    assert set(jobs) == {"seq", "rand", "mixed"}
+    for name, j in jobs.items():
+        assert j["error"] == 0, (name, j["error"])
+        assert j["write"]["io_bytes"] > 0, name  # it wrote, and verify read it all back
