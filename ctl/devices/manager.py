@@ -49,8 +49,10 @@ log = logging.getLogger("ctl.devices")
 RESCAN_INTERVAL = 30.0
 HEALTH_INTERVAL = 300.0
 REMOVED = "device removed"
+# "arriving": being checked and mounted, without holding up other disks' events;
 # "leaving": its volumes are being ended (removal, eject); no volume may attach meanwhile.
-STATES = ("mounted", "leaving", "absent", "ejected", "error")
+STATES = ("mounted", "arriving", "leaving", "absent", "ejected", "error")
+COLDPLUG_WAIT = 60.0  # start-up waits this long for the pools present to be mounted
 
 
 @dataclass(eq=False)
@@ -68,6 +70,8 @@ class Pool:
     left_alone: str | None = None
     health: dict[str, Any] | None = None
     held_by_drain: str | None = None  # after a lazy eject: the node, until it is let go
+    arriving: BlockDevice | None = None  # the disk being mounted (state "arriving")
+    arrived: trio.Event = field(default_factory=trio.Event)
 
     def remembered(self) -> dict[str, Any]:
         return {"label": self.label, "fs_type": self.fs_type, "last_seen": self.last_seen,
@@ -90,6 +94,7 @@ class DeviceManager:
         self._health_now = trio.Event()
         self.hotplug = "starting"  # or "udev", or why hotplug is not available
         self.reconciles = 0  # completed passes: a client can wait for the next one
+        self._nursery: trio.Nursery | None = None  # where arrivals run
         volumes.pools = self
         self._load()
 
@@ -118,21 +123,24 @@ class DeviceManager:
         await self._sweep()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await self._reconcile_safely()
+                with trio.move_on_after(COLDPLUG_WAIT):  # a long fsck goes on after start
+                    for pool in builtins.list(self._pools.values()):
+                        if pool.state == "arriving":
+                            await pool.arrived.wait()
                 nursery.start_soon(self._follow_udev)
                 nursery.start_soon(self._rescan)
                 nursery.start_soon(self._watch_health)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
-                for pool in self._pools.values():
-                    if pool.state != "mounted":
-                        continue
+                for m in mountinfo.under(self.paths.pools_dir):
                     try:  # written back and let go of before the daemon says it stopped
-                        await self._release(pool, lazy=False)
+                        await fs.unmount(Path(m.mountpoint), lazy=False)
                     except CtlError as exc:
                         log.warning("%s; unmounting it lazily", exc.message)
-                        await self._unmount_quietly(self.paths.pool_mount(pool.id))
+                        await self._unmount_quietly(Path(m.mountpoint))
 
     async def _follow_udev(self) -> None:
         async with contextlib.aclosing(watch(pyudev.Context(), on_ready=self._udev_ready)
@@ -217,6 +225,10 @@ class DeviceManager:
                 elif dev is not None and dev.size_bytes != pool.device.size_bytes:
                     pool.device = dev
                     self._publish("changed", pool)
+            elif pool.state == "arriving":
+                if dev is None or pool.arriving is None or \
+                        dev.instance != pool.arriving.instance:
+                    pool.state, pool.arriving = "absent", None  # its arrival is undone
             elif pool.left_alone is not None and (dev is None
                                                   or dev.instance != pool.left_alone):
                 pool.left_alone = None  # that disk left: the next one is a new plug
@@ -224,18 +236,37 @@ class DeviceManager:
                     pool.state = "absent"
         for pool_id, plugged in sorted(present.items()):
             known = self._pools.get(pool_id)
-            if known is not None and (known.state == "mounted"
+            if known is not None and (known.state in ("mounted", "arriving", "leaving")
                                       or known.left_alone == plugged.instance):
                 continue
-            await self._arrive(plugged)
+            pool = self._pools.setdefault(pool_id, Pool(pool_id))
+            pool.state, pool.arriving, pool.arrived = "arriving", plugged, trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._arrive, pool, plugged)
         for pool_id, known in self._pools.items():
             if pool_id not in carriers and known.state == "error":
                 known.state = "absent"  # the disk in error left
 
-    async def _arrive(self, dev: BlockDevice) -> None:
-        pool = self._pools.setdefault(dev.pool_id, Pool(dev.pool_id))
+    async def _arrive(self, pool: Pool, dev: BlockDevice) -> None:
+        """Check and mount a disk that appeared, then attach its volumes. The slow part (a
+        filesystem check may take minutes) runs without the manager's lock, so another
+        disk's removal is handled meanwhile; if this disk leaves before it is done, the
+        reconcile marks it absent and the mount is undone here."""
+        arrived = pool.arrived
+        try:
+            await self._mount_arrival(pool, dev)
+        finally:
+            arrived.set()
+        if pool.state == "mounted" and pool.device is dev:
+            failed = await self.volumes.pool_back(pool.id)
+            if failed:
+                log.error("pool %s: volumes not re-attached: %s", pool.id, ", ".join(failed))
+
+    async def _mount_arrival(self, pool: Pool, dev: BlockDevice) -> None:
         where = self.paths.pool_mount(pool.id)
         mounted = False
+        problem: str | None = None
+        mark: marker.Marker | None = None
         try:
             if mountinfo.is_mounted(where):
                 await fs.unmount(where, lazy=True)
@@ -245,26 +276,36 @@ class DeviceManager:
             mounted = True
             mark = await trio.to_thread.run_sync(marker.read, where, dev.fs_uuid)
         except (CtlError, marker.MarkerError, OSError) as exc:
-            text = exc.message if isinstance(exc, CtlError) else str(exc)
-            log.error("pool %s on %s: %s", pool.id, dev.node, text)
-            if mounted:
-                await self._unmount_quietly(where)
-            pool.state, pool.error, pool.left_alone = "error", text, dev.instance
-            pool.device = None
-            pool.last_device = dev.describe()
-            self._publish("added", pool, dev)
-            return
-        pool.label, pool.fs_type = mark.label, mark.fs_type
-        pool.state, pool.error, pool.device, pool.left_alone = "mounted", "", dev, None
-        pool.held_by_drain = None
-        pool.last_device, pool.last_seen = dev.describe(), utc_now()
-        await trio.to_thread.run_sync(self._save)
-        log.info("pool %s (%s) mounted from %s", pool.label, pool.id, dev.node)
-        self._publish("added", pool)
-        self._health_now.set()
-        failed = await self.volumes.pool_back(pool.id)
-        if failed:
-            log.error("pool %s: volumes not re-attached: %s", pool.id, ", ".join(failed))
+            problem = exc.message if isinstance(exc, CtlError) else str(exc)
+        except BaseException:  # cancelled (shutdown): nothing half-mounted stays
+            with trio.CancelScope(shield=True):
+                if mounted:
+                    await self._unmount_quietly(where)
+            raise
+        async with self._lock:
+            if pool.state != "arriving" or pool.arriving is not dev:
+                log.warning("pool %s: %s left while it was being mounted", pool.id, dev.node)
+                if mounted:
+                    await self._unmount_quietly(where)
+                return
+            pool.arriving = None
+            if problem is not None or mark is None:
+                log.error("pool %s on %s: %s", pool.id, dev.node, problem)
+                if mounted:
+                    await self._unmount_quietly(where)
+                pool.state, pool.error, pool.left_alone = "error", problem or "", dev.instance
+                pool.device = None
+                pool.last_device = dev.describe()
+                self._publish("added", pool, dev)
+                return
+            pool.label, pool.fs_type = mark.label, mark.fs_type
+            pool.state, pool.error, pool.device, pool.left_alone = "mounted", "", dev, None
+            pool.held_by_drain = None
+            pool.last_device, pool.last_seen = dev.describe(), utc_now()
+            await trio.to_thread.run_sync(self._save)
+            log.info("pool %s (%s) mounted from %s", pool.label, pool.id, dev.node)
+            self._publish("added", pool)
+            self._health_now.set()
 
     async def _lose(self, pool: Pool, cause: str) -> None:
         pool.state = "leaving"  # from here on no volume of it attaches
@@ -345,7 +386,11 @@ class DeviceManager:
             if known is not None and known.state != "mounted":
                 known.left_alone = None  # asked for by name: mount it again
             await self._reconcile()
-            result = self.show(pool_id)
+        pool = self._pools.get(pool_id)
+        if pool is not None and pool.state == "arriving":
+            with trio.move_on_after(fs.CHECK_TIMEOUT + fs.MOUNT_TIMEOUT):
+                await pool.arrived.wait()
+        result = self.show(pool_id)
         if result["state"] != "mounted":
             raise Failed(f"{node}: the pool {pool_id} was made but cannot be used: "
                          f"{result['error'] or result['state']}")
