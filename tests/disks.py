@@ -188,4 +188,11 @@ class Disk:
         if self.node is not None:
             subprocess.run(["losetup", "-d", self.node], check=False, capture_output=True,
                            timeout=30)
+            # Unbound once the last holder lets go (autoclear): wait, so that the next
+            # test never finds this disk still there.
+            bound = Path("/sys/block") / self.name / "loop" / "backing_file"
+            deadline = time.monotonic() + 30
+            while bound.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             self.node = None
+            settle()

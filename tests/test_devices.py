@@ -34,6 +34,8 @@ def udevd(tmp_path: Path) -> Iterator[Udevd]:
         yield u
 
 
+# A test takes `disk` before `daemon`: the daemon stops (and lets go of the disk) before the
+# disk is detached.
 @pytest.fixture
 def disk(tmp_path: Path, udevd: Udevd) -> Iterator[Disk]:
     d = Disk(tmp_path / "disk.img")
@@ -127,8 +129,8 @@ def wait_volume(d: Daemon, vid: str, what: str, pred: Any, timeout: float = 30.0
 # ---------------------------------------------------------------------------------------
 # init and its refusals
 # ---------------------------------------------------------------------------------------
-def test_init_makes_a_pool_udev_tags_and_a_volume_lives_on_it(daemon: Daemon,
-                                                              disk: Disk) -> None:
+def test_init_makes_a_pool_udev_tags_and_a_volume_lives_on_it(disk: Disk,
+                                                              daemon: Daemon) -> None:
     pool = pool_on(daemon, disk)
     assert pool["id"].startswith("70696363-") and pool["fs_type"] == "ext4"
     assert pool["device"]["node"] == disk.node and pool["label"] == "photos"
@@ -156,7 +158,7 @@ def test_init_makes_a_pool_udev_tags_and_a_volume_lives_on_it(daemon: Daemon,
     assert again["id"] == pool["id"] and tree_digest(mnt) == digest
 
 
-def test_init_refuses_in_use_system_and_data_disks(daemon: Daemon, disk: Disk,
+def test_init_refuses_in_use_system_and_data_disks(disk: Disk, daemon: Daemon,
                                                    tmp_path: Path) -> None:
     subprocess.run(["mkfs.ext4", "-q", "-L", "family", disk.node or ""], check=True)
     family = tmp_path / "family"
@@ -201,7 +203,7 @@ def test_init_refuses_in_use_system_and_data_disks(daemon: Daemon, disk: Disk,
 # ---------------------------------------------------------------------------------------
 # hotplug
 # ---------------------------------------------------------------------------------------
-def test_a_disk_that_dies_under_a_writer_and_comes_back(daemon: Daemon, disk: Disk) -> None:
+def test_a_disk_that_dies_under_a_writer_and_comes_back(disk: Disk, daemon: Daemon) -> None:
     pool = pool_on(daemon, disk)
     mnt = volume_on_pool(daemon, pool)
     digest = write_tree(mnt)
@@ -264,7 +266,7 @@ def test_a_disk_that_dies_under_a_writer_and_comes_back(daemon: Daemon, disk: Di
     assert actions == ["removed", "added"], actions
 
 
-def test_synthesized_remove_and_add(daemon: Daemon, disk: Disk) -> None:
+def test_synthesized_remove_and_add(disk: Disk, daemon: Daemon) -> None:
     pool = pool_on(daemon, disk)
     mnt = volume_on_pool(daemon, pool)
     digest = write_tree(mnt)
@@ -361,6 +363,19 @@ def test_coldplug_a_pool_present_at_start(tmp_path: Path, udevd: Udevd, disk: Di
         d.call("POST", "/crypto/unlock", {"password": "admin password 1"})
         wait_volume(d, "photos", "attached at unlock", serving)
         assert tree_digest(d.mount("photos")) == digest
+    # Another box's daemon: the pool is listed as foreign and left alone until adopted.
+    (tmp_path / "other").mkdir()
+    other = Daemon(tmp_path / "other")
+    with other:
+        other.setup_and_unlock()
+        seen = ok(other, "device", "list")["devices"]
+        assert [(p["id"], p["state"], p["present"]) for p in seen] == \
+            [(pool["id"], "foreign", True)], seen
+        assert not pool_mounts(other)
+        adopted = ok(other, "device", "init", disk.node or "")
+        assert (adopted["id"], adopted["state"]) == (pool["id"], "mounted")
+        assert (other.run / "pools" / pool["id"] / "ciphertext" / "photos").is_dir()
+    assert not disk.held()
     # Away at start: listed as absent, its volume says why.
     disk.detach()
     with d:
@@ -373,7 +388,7 @@ def test_coldplug_a_pool_present_at_start(tmp_path: Path, udevd: Udevd, disk: Di
         assert tree_digest(d.mount("photos")) == digest
 
 
-def test_eject_refuses_busy_then_leaves_the_disk_free(daemon: Daemon, disk: Disk) -> None:
+def test_eject_refuses_busy_then_leaves_the_disk_free(disk: Disk, daemon: Daemon) -> None:
     pool = pool_on(daemon, disk)
     mnt = volume_on_pool(daemon, pool)
     write_tree(mnt)
@@ -394,7 +409,7 @@ def test_eject_refuses_busy_then_leaves_the_disk_free(daemon: Daemon, disk: Disk
     wait_volume(daemon, "photos", "back after re-plug", serving)
 
 
-def test_health_reports_a_filling_disk(daemon: Daemon, disk: Disk) -> None:
+def test_health_reports_a_filling_disk(disk: Disk, daemon: Daemon) -> None:
     pool = pool_on(daemon, disk)
     since = daemon.call("GET", "/health")["last_event_seq"]
     mnt = volume_on_pool(daemon, pool)
@@ -468,7 +483,7 @@ def test_only_root_makes_a_pool(udevd: Udevd) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_a_lazy_eject_says_when_the_disk_is_really_free(daemon: Daemon, disk: Disk) -> None:
+def test_a_lazy_eject_says_when_the_disk_is_really_free(disk: Disk, daemon: Daemon) -> None:
     pool = pool_on(daemon, disk)
     mnt = volume_on_pool(daemon, pool)
     write_tree(mnt)
@@ -485,7 +500,7 @@ def test_a_lazy_eject_says_when_the_disk_is_really_free(daemon: Daemon, disk: Di
     assert not disk.held()
 
 
-def test_a_pool_that_cannot_be_adopted_is_never_erased(daemon: Daemon, disk: Disk) -> None:
+def test_a_pool_that_cannot_be_adopted_is_never_erased(disk: Disk, daemon: Daemon) -> None:
     pool = pool_on(daemon, disk)
     root = daemon.run / "pools" / pool["id"]
     ok(daemon, "device", "eject", "photos")

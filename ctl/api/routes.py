@@ -419,8 +419,10 @@ class Api:
                        control_health=HEALTH_STATE,
                        volumes={"type": "object", "additionalProperties": STR},
                        devices={"type": "object", "additionalProperties": STR,
-                                "description": "pool id -> mounted, absent, ejected, error, "
-                                               "or its disk's health: ok, degraded, failing"},
+                                "description": "pool id -> its disk's health (ok, "
+                                               "degraded, failing) once read, else its "
+                                               "state (mounted, arriving, leaving, absent, "
+                                               "ejected, error)"},
                        needs_repair={"type": "array", "items": STR}, last_event_seq=INT)),
             Route("GET", f"{API}/openapi.json", self.openapi, "This document",
                   _out(["openapi", "info", "paths"], openapi=STR, info=OBJ, paths=OBJ)),

@@ -17,6 +17,7 @@ MOUNT_OPTIONS = "nosuid,nodev,noexec"
 MKFS_TIMEOUT = 600.0
 CHECK_TIMEOUT = 600.0
 MOUNT_TIMEOUT = 60.0
+BUSY_RETRIES, BUSY_WAIT = 5, 1.0
 
 
 async def _run(argv: list[str], timeout: float, what: str, ok: tuple[int, ...] = (0,)
@@ -30,8 +31,10 @@ async def _run(argv: list[str], timeout: float, what: str, ok: tuple[int, ...] =
     except FileNotFoundError:
         raise Failed(f"{what}: {argv[0]} is not installed") from None
     if res.returncode not in ok:
-        lines = (res.stderr or res.stdout).decode(errors="replace").strip().splitlines()
-        raise Failed(f"{what}: {lines[-1] if lines else f'exit status {res.returncode}'}")
+        lines = [ln.strip() for ln in (res.stderr + res.stdout).decode(errors="replace")
+                 .splitlines() if ln.strip()]
+        text = "; ".join(lines[-3:]) if lines else f"exit status {res.returncode}"
+        raise Failed(f"{what}: {text[:500]}")
     return res
 
 
@@ -50,10 +53,21 @@ async def make(fs_type: str, node: str, fs_uuid: str, label: str) -> None:
 
 async def check(fs_type: str, node: str) -> None:
     """Before a mount: ext4 is checked and repaired where that is safe (`e2fsck -p`, as at
-    boot); xfs and btrfs replay their logs at mount and have no such pass."""
-    if fs_type == "ext4":
-        # 1: errors corrected; 2: corrected, a reboot is advised (not for a data disk).
-        await _run(["e2fsck", "-p", node], CHECK_TIMEOUT, f"checking {node}", ok=(0, 1, 2))
+    boot); xfs and btrfs replay their logs at mount and have no such pass. A device another
+    opener holds for a moment (udev probing a new filesystem, a lazily detached mount
+    being let go of) is tried again a few times before the check counts as failed."""
+    if fs_type != "ext4":
+        return
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            # 1: errors corrected; 2: corrected, a reboot is advised (not for a data disk).
+            await _run(["e2fsck", "-p", node], CHECK_TIMEOUT, f"checking {node}",
+                       ok=(0, 1, 2))
+            return
+        except Failed as exc:
+            if "in use" not in exc.message or attempt == BUSY_RETRIES:
+                raise
+        await trio.sleep(BUSY_WAIT)
 
 
 async def mount(fs_type: str, node: str, where: Path) -> None:

@@ -8,6 +8,10 @@ seen twice, or late, changes nothing.
 - A pool device present and not mounted: check its filesystem, mount it (`nosuid,nodev,
   noexec`) under `$PICCOLO_RUN_DIR/pools/<pool-id>`, check the marker, then attach its
   volumes whose intent is mounted (while unlocked, with the role the registry grants).
+  Only pools this device knows (made or adopted by `device init`, remembered, or named by a
+  volume's journal) are mounted by themselves: another box's pool is listed as `foreign`
+  until `device init` adopts it. A stranger's disk is never mounted just for being plugged
+  in.
 - A mounted pool whose device is gone, is another instance (a re-plug that happened
   between two looks), or whose mount vanished: end its volumes' mounts (journal: error,
   needs_repair, "device removed"), unmount the filesystem lazily, guard the mountpoint.
@@ -50,8 +54,9 @@ RESCAN_INTERVAL = 30.0
 HEALTH_INTERVAL = 300.0
 REMOVED = "device removed"
 # "arriving": being checked and mounted, without holding up other disks' events;
-# "leaving": its volumes are being ended (removal, eject); no volume may attach meanwhile.
-STATES = ("mounted", "arriving", "leaving", "absent", "ejected", "error")
+# "leaving": its volumes are being ended (removal, eject); no volume may attach meanwhile;
+# "foreign": a pool this device does not know is plugged in; `device init` adopts it.
+STATES = ("mounted", "arriving", "leaving", "absent", "ejected", "error", "foreign")
 COLDPLUG_WAIT = 60.0  # start-up waits this long for the pools present to be mounted
 
 
@@ -72,6 +77,9 @@ class Pool:
     held_by_drain: str | None = None  # after a lazy eject: the node, until it is let go
     arriving: BlockDevice | None = None  # the disk being mounted (state "arriving")
     arrived: trio.Event = field(default_factory=trio.Event)
+    # One arrival at a time per pool: a disk that left mid-check and came back waits for
+    # the first arrival to finish (and undo its mount) before its own starts.
+    arrival_lock: trio.Lock = field(default_factory=trio.Lock)
 
     def remembered(self) -> dict[str, Any]:
         return {"label": self.label, "fs_type": self.fs_type, "last_seen": self.last_seen,
@@ -90,6 +98,7 @@ class DeviceManager:
         self.rescan_interval = rescan_interval
         self.thresholds = thresholds or Thresholds()
         self._pools: dict[str, Pool] = {}
+        self._foreign: dict[str, BlockDevice] = {}  # other boxes' pools, plugged in here
         self._lock = trio.Lock()
         self._health_now = trio.Event()
         self.hotplug = "starting"  # or "udev", or why hotplug is not available
@@ -194,9 +203,19 @@ class DeviceManager:
         # A context per pass: libudev contexts must not be shared between threads.
         devices = await trio.to_thread.run_sync(lambda: blockdev.scan(pyudev.Context()))
         carriers: dict[str, list[BlockDevice]] = {}
+        self._remember_known()
+        foreign: dict[str, BlockDevice] = {}
         for found in devices:
-            if found.is_pool:
+            if not found.is_pool:
+                continue
+            if found.pool_id in self._pools:
                 carriers.setdefault(found.pool_id, []).append(found)
+            else:
+                foreign.setdefault(found.pool_id, found)
+        for pool_id in sorted(foreign.keys() - self._foreign.keys()):
+            log.info("a pool this device does not know is plugged in: %s on %s (device init "
+                     "adopts it)", pool_id, foreign[pool_id].node)
+        self._foreign = foreign
         present: dict[str, BlockDevice] = {}
         for pool_id, devs in carriers.items():
             known = self._pools.get(pool_id)
@@ -254,11 +273,22 @@ class DeviceManager:
         reconcile marks it absent and the mount is undone here."""
         arrived = pool.arrived
         try:
-            await self._mount_arrival(pool, dev)
+            async with pool.arrival_lock:
+                await self._mount_arrival(pool, dev)
+        except Exception:
+            log.exception("pool %s on %s: mounting it failed", pool.id, dev.node)
+            async with self._lock:
+                if pool.state == "arriving" and pool.arriving is dev:
+                    pool.state, pool.error, pool.arriving = "error", "internal error", None
+                    pool.left_alone = dev.instance
         finally:
             arrived.set()
         if pool.state == "mounted" and pool.device is dev:
-            failed = await self.volumes.pool_back(pool.id)
+            try:
+                failed = await self.volumes.pool_back(pool.id)
+            except Exception:
+                log.exception("pool %s: re-attaching its volumes failed", pool.id)
+                return
             if failed:
                 log.error("pool %s: volumes not re-attached: %s", pool.id, ", ".join(failed))
 
@@ -274,7 +304,8 @@ class DeviceManager:
             await fs.check(dev.fs_type, dev.node)
             await fs.mount(dev.fs_type, dev.node, where)
             mounted = True
-            mark = await trio.to_thread.run_sync(marker.read, where, dev.fs_uuid)
+            mark = await trio.to_thread.run_sync(marker.read, where, dev.fs_uuid,
+                                                 abandon_on_cancel=True)
         except (CtlError, marker.MarkerError, OSError) as exc:
             problem = exc.message if isinstance(exc, CtlError) else str(exc)
         except BaseException:  # cancelled (shutdown): nothing half-mounted stays
@@ -285,7 +316,7 @@ class DeviceManager:
         async with self._lock:
             if pool.state != "arriving" or pool.arriving is not dev:
                 log.warning("pool %s: %s left while it was being mounted", pool.id, dev.node)
-                if mounted:
+                if mounted and _mounted_from(where, dev):
                     await self._unmount_quietly(where)
                 return
             pool.arriving = None
@@ -302,20 +333,26 @@ class DeviceManager:
             pool.state, pool.error, pool.device, pool.left_alone = "mounted", "", dev, None
             pool.held_by_drain = None
             pool.last_device, pool.last_seen = dev.describe(), utc_now()
-            await trio.to_thread.run_sync(self._save)
+            try:
+                await trio.to_thread.run_sync(self._save)
+            except OSError as exc:  # the pool is mounted all the same; remembered next time
+                log.warning("cannot record the pool in %s: %s", self.paths.pools_file, exc)
             log.info("pool %s (%s) mounted from %s", pool.label, pool.id, dev.node)
             self._publish("added", pool)
             self._health_now.set()
 
     async def _lose(self, pool: Pool, cause: str) -> None:
         pool.state = "leaving"  # from here on no volume of it attaches
-        ended = await self.volumes.pool_lost(pool.id, cause)
-        log.warning("pool %s: %s; volumes ended: %s", pool.id, cause,
-                    ", ".join(ended) or "none")
-        await self._unmount_quietly(self.paths.pool_mount(pool.id))
         dev = pool.device
-        pool.state, pool.error, pool.device = "absent", cause, None
-        self._publish("removed", pool, dev)
+        try:
+            ended = await self.volumes.pool_lost(pool.id, cause)
+            log.warning("pool %s: %s; volumes ended: %s", pool.id, cause,
+                        ", ".join(ended) or "none")
+        finally:  # whatever failed, the dead disk's mount goes and the pool can come back
+            with trio.CancelScope(shield=True):
+                await self._unmount_quietly(self.paths.pool_mount(pool.id))
+            pool.state, pool.error, pool.device = "absent", cause, None
+            self._publish("removed", pool, dev)
 
     async def _unmount_quietly(self, where: Path) -> None:
         try:
@@ -356,6 +393,13 @@ class DeviceManager:
                     and p.device is not None and p.device.devnum == dev.devnum]
             if ours:
                 return self.show(ours[0].id)  # already a pool of this daemon: as it is
+            coming = [p for p in self._pools.values() if p.state == "arriving"
+                      and p.arriving is not None and p.arriving.devnum == dev.devnum]
+        if coming:  # being mounted right now: its result is the answer
+            with trio.move_on_after(fs.CHECK_TIMEOUT + fs.MOUNT_TIMEOUT):
+                await coming[0].arrived.wait()
+            return self.show(coming[0].id)
+        async with self._lock:
             refusals = await trio.to_thread.run_sync(
                 lambda: blockdev.in_use(dev) + blockdev.holds_system(dev, self.paths.state))
             if refusals:
@@ -365,6 +409,8 @@ class DeviceManager:
             except OSError as exc:
                 raise Failed(str(exc)) from None
             pool_id = await self._adoptable(dev, found)
+            if pool_id is not None:
+                self._pools.setdefault(pool_id, Pool(pool_id))  # known from now on
             if pool_id is None:
                 if found and not erase:
                     what = ", ".join(f"{s.get('type')}" + (f" '{s['label']}'" if s.get("label")
@@ -379,6 +425,7 @@ class DeviceManager:
                 pool_id = marker.new_pool_id()
                 await fs.make(fs_type, dev.node, pool_id, label)
                 await self._write_marker(dev.node, marker.Marker.new(pool_id, label, fs_type))
+                self._pools.setdefault(pool_id, Pool(pool_id))
                 log.info("pool %s (%s) made on %s", label, pool_id, dev.node)
             if blockdev.udev_running():
                 await fs.settle(dev.node)
@@ -458,8 +505,11 @@ class DeviceManager:
             done: list[str] = []
             try:
                 for vid in self.volumes.on_pool(pool.id):
-                    if self.volumes.is_attached(vid):
-                        await self.volumes.detach(vid, lazy=lazy, keep_intent=True)
+                    # Every one, attached or not: detach takes the volume's lock, so an
+                    # attach under way finishes first and is undone, never left behind.
+                    was = self.volumes.is_attached(vid)
+                    info = await self.volumes.detach(vid, lazy=lazy, keep_intent=True)
+                    if was or info["pid"] is not None:
                         done.append(vid)
                 await self._release(pool, lazy)
             except BaseException:
@@ -484,6 +534,10 @@ class DeviceManager:
         """A pool by id, label or current device name."""
         if ident in self._pools:
             return self._pools[ident]
+        for pool_id, dev in self._foreign.items():
+            if ident in (pool_id, dev.name, dev.node):
+                return Pool(pool_id, dev.fs_label, dev.fs_type, state="foreign",
+                            last_device=dev.describe())
         hits = [p for p in self._pools.values()
                 if ident == p.label or (p.device is not None
                                         and ident in (p.device.name, p.device.node))]
@@ -505,14 +559,16 @@ class DeviceManager:
         return {"id": pool.id, "label": pool.label or None, "fs_type": pool.fs_type or None,
                 "state": pool.state, "error": pool.error or None,
                 "mountpoint": str(self.paths.pool_mount(pool.id)) if mounted else None,
-                "device": device or None, "present": pool.device is not None,
+                "device": device or None,
+                "present": pool.device is not None or pool.state in ("arriving", "foreign"),
                 "volumes": self.volumes.on_pool(pool.id), "health": pool.health,
                 "safe_to_remove": not mounted and pool.held_by_drain is None,
                 "last_seen": pool.last_seen or None}
 
     def list(self) -> builtins.list[dict[str, Any]]:
         self._remember_known()
-        return [self.show(p) for p in sorted(self._pools)]
+        known = [self.show(p) for p in sorted(self._pools)]
+        return known + [self.show(p) for p in sorted(self._foreign) if p not in self._pools]
 
     def summary(self) -> dict[str, str]:
         """Pool id -> its state, or its health where it is mounted and judged."""
@@ -527,9 +583,8 @@ class DeviceManager:
     def _remember_known(self) -> None:
         """Pools named by a volume's journal are known even if never seen here (an import
         brought them): listed as absent."""
-        for vol in self.volumes.list():
-            pid = vol.get("pool")
-            if pid and pid not in self._pools:
+        for pid in self.volumes.pools_named():
+            if pid not in self._pools:
                 self._pools[pid] = Pool(pid)
 
     def _load(self) -> None:
@@ -609,6 +664,12 @@ def _bare(where: Path) -> None:
         mountpoint.guard(where)
     except OSError as exc:
         log.warning("pool mountpoint %s cannot refuse writes: %s", where, exc)
+
+
+def _mounted_from(where: Path, dev: BlockDevice) -> bool:
+    """What is mounted at `where` is this disk's filesystem (not a later arrival's)."""
+    m = mountinfo.find(where)
+    return m is not None and os.path.realpath(m.source) == os.path.realpath(dev.node)
 
 
 def _released(node: str) -> bool:

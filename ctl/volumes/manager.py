@@ -38,6 +38,7 @@ from ctl.errors import (
     CtlError,
     Failed,
     InvalidInput,
+    Locked,
     NotFound,
     NotLeader,
     PoolAbsent,
@@ -207,6 +208,10 @@ class VolumeManager:
         name = self.pools.name(pool) if self.pools is not None else pool
         return f"volume {volume_id} is on pool {name}, which is not present"
 
+    def pools_named(self) -> set[str]:
+        """Every pool a volume's journal names (read from memory: no disk is touched)."""
+        return {v.record.pool for v in self._vols.values() if v.record.pool}
+
     def on_pool(self, pool_id: str) -> builtins.list[str]:
         return sorted(v.id for v in self._vols.values() if v.record.pool == pool_id)
 
@@ -216,20 +221,26 @@ class VolumeManager:
         the pool is back. Returns the volumes that were attached."""
         ended = []
         for vid in self.on_pool(pool_id):
-            vol = self._vols[vid]
-            async with vol.lock:
-                self._cancel_retry(vol)
-                child, vol.child = vol.child, None
-                for proc in (child, vol.draining):
-                    if proc is not None:
-                        vol.expected_exit = True
-                        await proc.kill()
-                vol.draining = None
-                await self._unmounted(vol)
-                if child is not None:
-                    ended.append(vid)
-                if child is not None or vol.record.desired_state == "mounted":
-                    self._journal(vol, observed="error", cause=cause)
+            vol = self._vols.get(vid)
+            if vol is None:
+                continue
+            try:  # one volume's failure (a full state dir) never spares the others' mounts
+                async with vol.lock:
+                    self._cancel_retry(vol)
+                    child, vol.child = vol.child, None
+                    for proc in (child, vol.draining):
+                        if proc is not None:
+                            vol.expected_exit = True
+                            await proc.kill()
+                    vol.draining = None
+                    if child is not None:
+                        ended.append(vid)
+                    await self._unmounted(vol)
+                    if child is not None or vol.record.desired_state == "mounted":
+                        self._journal(vol, observed="error", cause=cause)
+            except Exception as exc:
+                log.error("volume %s: ending it after its pool left failed: %s", vid,
+                          _message(exc))
         return ended
 
     async def pool_back(self, pool_id: str) -> builtins.list[str]:
@@ -239,7 +250,9 @@ class VolumeManager:
             return []
         failed = []
         for vid in self.on_pool(pool_id):
-            vol = self._vols[vid]
+            vol = self._vols.get(vid)
+            if vol is None:
+                continue
             if vol.intent_lost is not None or vol.record.desired_state != "mounted" \
                     or vol.child is not None:
                 continue
@@ -559,6 +572,9 @@ class VolumeManager:
             self._journal(vol, desired="mounted", observed="error", role=role, cause=str(exc))
             raise StateCorrupt(self._meta_path(vol.id), str(exc)) from None
         await self._unmounted(vol)
+        if given is None and self.keys.locked:  # locked meanwhile: nothing mounts now
+            passphrase[:] = bytes(len(passphrase))
+            raise Locked("locked: unlock first")
         self._journal(vol, desired="mounted", observed="pending", role=role)
         child = MountChild(vol.id, cipher, self.paths.mount(vol.id),
                            read_only=role == roles.FOLLOWER,
