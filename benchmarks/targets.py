@@ -5,7 +5,6 @@ down by the suite."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from piccolofs.atomic import syncfs
 
 PASSWORD = b"benchmark password\n"
 
@@ -61,12 +62,7 @@ def drop_caches(*paths: Path) -> None:
     if not paths:
         os.sync()
     for path in paths:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
-                raise OSError(ctypes.get_errno(), f"syncfs {path}")
-        finally:
-            os.close(fd)
+        syncfs(path)
     Path("/proc/sys/vm/drop_caches").write_text("3")
 
 

@@ -1,14 +1,18 @@
 """The one atomic-write helper: temp file, fsync, rename, fsync of the directory.
 
 Used for gocryptfs.conf and, by the daemon, for every state file. A reader sees either the
-old complete file or the new complete file, never a torn one, even across a crash.
+old complete file or the new complete file, never a torn one, even across a crash. Also
+the one syncfs(2) of the project.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
@@ -40,3 +44,16 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Write back the one filesystem holding `path` (syncfs(2)). Never a host-wide sync:
+    that waits on every mount of the machine, and one dead or wedged mount elsewhere would
+    hang it for good."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fspath(path))
+    finally:
+        os.close(fd)

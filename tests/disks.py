@@ -23,7 +23,6 @@ with the ways a disk can leave:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import shutil
@@ -38,17 +37,6 @@ RUNTIME_RULES = Path("/run/udev/rules.d")
 UDEVD = "/lib/systemd/systemd-udevd"
 LOOP_CTL_ADD, LOOP_CTL_REMOVE = 0x4C80, 0x4C81
 FS_IOC_SHUTDOWN, SHUTDOWN_NOLOGFLUSH = 0x8004587D, 2
-
-
-def syncfs(path: Path) -> None:
-    """Flush the one filesystem holding `path` (never a global sync: one wedged
-    filesystem anywhere would hang it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
-            raise OSError(ctypes.get_errno(), f"syncfs {path}")
-    finally:
-        os.close(fd)
 
 
 def settle() -> None:

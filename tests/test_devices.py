@@ -20,8 +20,9 @@ from typing import Any
 import psutil
 import pytest
 
+from piccolofs.atomic import syncfs
 from tests.daemon import Daemon
-from tests.disks import Disk, Udevd, syncfs
+from tests.disks import Disk, Udevd
 
 pytestmark = [pytest.mark.devices, pytest.mark.timeout(600)]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import hashlib
 import json
 import logging
@@ -56,7 +55,7 @@ from ctl.keys.manager import KeyManager
 from ctl.paths import BOOTSTRAP, CONTROL, Paths
 from ctl.volumes.journal import JournalRecord
 from ctl.volumes.metadata import MetadataCorrupted, VolumeMeta
-from piccolofs.atomic import fsync_dir, write_atomic
+from piccolofs.atomic import fsync_dir, syncfs, write_atomic
 
 log = logging.getLogger("ctl.bundles.import")
 
@@ -210,22 +209,9 @@ class Extractor:
             os.chown(path, uid, gid, follow_symlinks=False)
             os.chmod(path, mode, follow_symlinks=False)
             os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
-        _syncfs(self.staged)
+        syncfs(self.staged)  # everything staged on disk: the state dir's filesystem only
 
 
-def _syncfs(path: Path) -> None:
-    """Everything staged to disk: syncfs(2) of the state dir's filesystem only (a host-wide
-    sync could wait on some other, dead, mount)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _LIBC.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _set_xattrs(target: int | str, xattrs: dict[str, str] | None) -> None:
