@@ -144,8 +144,9 @@ bs=4k
 rw=randrw
 bs=16k
 """)
+    # cwd: fio leaves its verify state files (local-*-verify.state) in the working directory.
     res = subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True,
-                         text=True, timeout=240)
+                         text=True, timeout=240, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     jobs = {j["jobname"]: j for j in json.loads(res.stdout[res.stdout.index("{"):])["jobs"]}
     assert set(jobs) == {"seq", "rand", "mixed"}
