@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 
 from piccolofs import protocol
+from piccolofs.format import gcm_runs
 from piccolofs.format.config import Config
 from piccolofs.format.volume import VolumeCrypto
 from piccolofs.fs.capture import CaptureError
@@ -294,6 +295,9 @@ def run(cfg: Config, master_key: bytearray, opts: MountOptions) -> int:
     if not hasattr(pyfuse3.Operations, "fallocate"):
         log.info("this pyfuse3 has no fallocate or lseek handlers (packaging/pyfuse3 adds "
                  "them): fallocate(2) answers EOPNOTSUPP, SEEK_DATA/SEEK_HOLE see no holes")
+    slow = gcm_runs.unavailable_reason()
+    if slow and volume.blocks.cipher.name == "AES-256-GCM":
+        log.info("content blocks are sealed and opened one by one in Python (%s)", slow)
     pyfuse3.init(ops, opts.mountpoint, _fuse_options(opts))
     ops.requests.install(opts.spin_us)
     try:

@@ -33,7 +33,8 @@ fi
 # build-essential: dpkg-buildpackage checks it as an implicit build dependency;
 # ca-certificates: pip fetches the dependencies from PyPI.
 BUILD_DEPS=(build-essential debhelper dh-virtualenv dpkg-dev fakeroot lintian python3 python3-venv
-            python3-dev libfuse3-dev libtss2-dev pkg-config gcc patch help2man ca-certificates)
+            python3-dev libfuse3-dev libtss2-dev libssl-dev pkg-config gcc patch help2man
+            ca-certificates)
 missing=()
 for pkg in "${BUILD_DEPS[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

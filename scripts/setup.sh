@@ -9,10 +9,11 @@ VENV="${PICCOLOFS_VENV:-$REPO/.venv}"
 # the tests a software TPM; etcd-server is the consensus engine of a cluster (the tests start
 # their own members on loopback). Storage pools (ctl.devices): udev (the tests start a
 # systemd-udevd), the filesystems' tools and smartmontools; systemd for `systemd-analyze
-# verify` of the packaged unit.
+# verify` of the packaged unit. libssl-dev builds the compiled AES-GCM block runs
+# (piccolofs/format/gcm_runs.c).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config patch gocryptfs gcc python3 python3-venv python3-dev
               fio sqlite3 util-linux procps e2fsprogs libtss2-dev swtpm swtpm-tools tpm2-tools
-              etcd-server etcd-client udev systemd smartmontools xfsprogs btrfs-progs)
+              etcd-server etcd-client udev systemd smartmontools xfsprogs btrfs-progs libssl-dev)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup: run as root (FUSE mounts with allow_other and the test suite need it)" >&2
@@ -48,7 +49,9 @@ if ! "$PY" -c 'import test.support' 2>/dev/null; then
 fi
 
 stamp="$VENV/.piccolofs-installed"
-want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+# The install (and the compiled block runs it builds in place) follows these files.
+want="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/piccolofs/format/gcm_runs.[ch] \
+        "$REPO/piccolofs/format/_gcm_runs_build.py" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi

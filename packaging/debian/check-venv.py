@@ -23,7 +23,8 @@ if sys.version_info[:2] != (3, 11) or sys.base_prefix != "/usr":
     errors.append(f"venv interpreter is {sys.version.split()[0]} from {sys.base_prefix}, "
                   "not Debian's python3.11 in /usr")
 
-for mod in ("piccolofs.cli", "piccolofs.mount", "ctl.cli", "ctl.daemon", "pyfuse3",
+for mod in ("piccolofs.cli", "piccolofs.mount", "piccolofs.format._gcm_runs", "ctl.cli",
+            "ctl.daemon", "pyfuse3",
             "tpm2_pytss", "pyudev", "cryptography", "nacl", "argon2", "psutil", "httpx"):
     try:
         importlib.import_module(mod)

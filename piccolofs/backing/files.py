@@ -27,7 +27,7 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MAX_PLAIN_SIZE = (2**63 - 1 - HEADER_LEN) // (PLAIN_BLOCK + 40) * PLAIN_BLOCK
 
 
-def _pwritev_all(fd: int, parts: list[bytes], offset: int) -> None:
+def _pwritev_all(fd: int, parts: list[bytes | bytearray], offset: int) -> None:
     """Write the pieces back to back without joining them first; short writes continue."""
     for start in range(0, len(parts), IOV_MAX):
         chunk = parts[start : start + IOV_MAX]

@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 
 from piccolofs.format.errors import AuthenticationError
+from piccolofs.format.gcm_runs import GcmRuns
 
 TAG_LEN = 16
 
@@ -57,6 +58,11 @@ class ContentCipher(Protocol):
     @property
     def tag_error(self) -> type[Exception]: ...
 
+    # Whole runs of content blocks in one compiled call (AES-GCM only; None elsewhere, or
+    # where the helper is not built): see piccolofs.format.gcm_runs.
+    @property
+    def runs(self) -> GcmRuns | None: ...
+
 
 def _check_sealed(sealed: bytes, nonce_len: int) -> None:
     if len(sealed) <= nonce_len + TAG_LEN:
@@ -76,6 +82,7 @@ class AesGcm:
         self.nonce_len = nonce_len
         self.overhead = nonce_len + TAG_LEN
         self.open_into: OpenInto = self._aead.decrypt_into
+        self.runs = GcmRuns.for_key(key, nonce_len, 4096 + self.overhead)
 
     def raw_seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview,
                  aad: bytes) -> bytes:
@@ -100,6 +107,7 @@ class AesSiv:
     nonce_len = 16
     overhead = 16 + TAG_LEN
     tag_error: type[Exception] = InvalidTag
+    runs = None
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESSIV(key)
@@ -129,6 +137,7 @@ class XChaCha20Poly1305:
     nonce_len = 24
     overhead = 24 + TAG_LEN
     tag_error: type[Exception] = nacl.exceptions.CryptoError
+    runs = None
 
     def __init__(self, key: bytes) -> None:
         self._key = key

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from piccolofs.format.aead import ContentCipher
 from piccolofs.format.errors import AuthenticationError, CorruptHeader
+from piccolofs.format.gcm_runs import REASONS
 
 PLAIN_BLOCK = 4096
 HEADER_LEN = 18
@@ -137,8 +138,9 @@ class BlockCodec:
         return b"".join(self.seal_parts(first_block, file_id, plaintext))
 
     def seal_parts(self, first_block: int, file_id: bytes,
-                   plaintext: bytes | bytearray) -> list[bytes]:
-        """The sealed run as a list of pieces (nonce, body, nonce, body, ...).
+                   plaintext: bytes | bytearray) -> list[bytes | bytearray]:
+        """The sealed run as a list of pieces (nonce, body, nonce, body, ...), or one piece
+        from the compiled helper.
 
         The hot path of every write: one getrandom for all nonces, no per-block copies of
         the plaintext, and no join — the pieces go to pwritev as they are.
@@ -146,10 +148,13 @@ class BlockCodec:
         nl = self.cipher.nonce_len
         count = (len(plaintext) + PLAIN_BLOCK - 1) // PLAIN_BLOCK
         nonces = os.urandom(nl * count)
+        runs = self.cipher.runs
+        if runs is not None:
+            return [runs.seal(first_block, file_id, plaintext, nonces)]
         view = memoryview(plaintext)
         seal = self.cipher.raw_seal
         pack = _BLOCK_NO.pack
-        out: list[bytes] = []
+        out: list[bytes | bytearray] = []
         for i in range(count):
             nonce = nonces[i * nl : (i + 1) * nl]
             out.append(nonce)
@@ -173,6 +178,12 @@ class BlockCodec:
         if 0 < rest <= overhead:
             raise BlockAuthError(first_block + full, "block too short")
         out = bytearray(full * PLAIN_BLOCK + max(0, rest - overhead))
+        runs = self.cipher.runs
+        if runs is not None:
+            bad, why = runs.open_into(first_block, file_id, ciphertext, out)
+            if bad >= 0:
+                raise BlockAuthError(first_block + bad, REASONS[why])
+            return out
         plain = memoryview(out)
         view = memoryview(ciphertext)
         open_into = self.cipher.open_into

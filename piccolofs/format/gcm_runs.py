@@ -1,0 +1,103 @@
+"""AES-256-GCM over a run of content blocks in one compiled call, the GIL released.
+
+A Python AEAD call costs more than the cipher work on one 4 KiB block (a fresh context,
+argument parsing, a result object), so the content hot paths hand a whole run of blocks to
+`piccolofs.format._gcm_runs` (C over OpenSSL's libcrypto, built by setup.py through cffi).
+The bytes on disk are the same either way. Where the helper was not built, or with
+PICCOLOFS_PURE_PYTHON=1 in the environment, `GcmRuns.for_key` returns None and
+piccolofs.format.content seals and opens block by block in Python.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+try:
+    from piccolofs.format._gcm_runs import ffi, lib
+except ImportError:  # not compiled here
+    ffi = lib = None
+
+# Why a run stopped (gcm_runs.h), in the words of the pure-Python path.
+TOO_SHORT, ZERO_NONCE, BAD_TAG = 1, 2, 3
+REASONS = {TOO_SHORT: "block too short", ZERO_NONCE: "all-zero nonce",
+           BAD_TAG: "AES-256-GCM tag mismatch"}
+
+
+def available() -> bool:
+    """True when runs go through the compiled helper."""
+    return lib is not None and os.environ.get("PICCOLOFS_PURE_PYTHON") != "1"
+
+
+def unavailable_reason() -> str | None:
+    if lib is None:
+        return "the compiled AES-GCM helper is not built (libssl-dev missing at install)"
+    if os.environ.get("PICCOLOFS_PURE_PYTHON") == "1":
+        return "PICCOLOFS_PURE_PYTHON=1"
+    return None
+
+
+class GcmRuns:
+    """Seals and opens runs of content blocks under one AES-256 key.
+
+    OpenSSL contexts carry the key schedule, so they are kept rather than made per run;
+    a context serves one run at a time, and the helper runs without the GIL, so each call
+    takes one from a pool (list.pop and append are atomic) and gives it back.
+    """
+
+    __slots__ = ("_cipher_block", "_key", "_nonce_len", "_pool")
+
+    def __init__(self, key: bytes, nonce_len: int, cipher_block: int) -> None:
+        self._key = key
+        self._nonce_len = nonce_len
+        self._cipher_block = cipher_block
+        self._pool: list[Any] = []
+
+    @classmethod
+    def for_key(cls, key: bytes, nonce_len: int, cipher_block: int) -> GcmRuns | None:
+        return cls(key, nonce_len, cipher_block) if available() else None
+
+    def _context(self) -> tuple[Any, Any]:
+        """A context and its out-parameter for the reason a run stopped."""
+        try:
+            return self._pool.pop()
+        except IndexError:
+            ctx = lib.pfs_gcm_new(self._key, self._nonce_len)
+            if ctx == ffi.NULL:
+                raise MemoryError("OpenSSL could not set up an AES-GCM context") from None
+            return ffi.gc(ctx, lib.pfs_gcm_free), ffi.new("int *")
+
+    def open_into(self, first_block: int, file_id: bytes, ciphertext: Any,
+                  out: bytearray) -> tuple[int, int]:
+        """Open the run into `out`; (-1, 0) when all blocks authenticate, else the index of
+        the first bad block in the run and why (the blocks before it are opened, the rest
+        of `out` must be discarded)."""
+        entry = self._context()
+        ctx, reason = entry
+        if not isinstance(ciphertext, bytes):  # bytes go as they are
+            ciphertext = ffi.from_buffer(ciphertext)
+        try:
+            bad = lib.pfs_gcm_open_run(ctx, self._nonce_len, ciphertext, len(ciphertext),
+                                       first_block, file_id, ffi.from_buffer(out), reason)
+            why = reason[0]
+        finally:
+            self._pool.append(entry)
+        return bad, why
+
+    def seal(self, first_block: int, file_id: bytes, plaintext: Any,
+             nonces: bytes) -> bytearray:
+        """The sealed run (nonce | ciphertext | tag per block), one buffer."""
+        full, rest = divmod(len(plaintext), 4096)
+        out = bytearray(full * self._cipher_block
+                        + (rest + self._cipher_block - 4096 if rest else 0))
+        entry = self._context()
+        if not isinstance(plaintext, bytes):
+            plaintext = ffi.from_buffer(plaintext)
+        try:
+            ok = lib.pfs_gcm_seal_run(entry[0], self._nonce_len, plaintext, len(plaintext),
+                                      first_block, file_id, nonces, ffi.from_buffer(out)) == 0
+        finally:
+            self._pool.append(entry)
+        if not ok:
+            raise MemoryError("OpenSSL could not seal with AES-GCM")
+        return out
