@@ -17,6 +17,7 @@ piccolofs.protocol) or a one-shot ready pipe (`--ready-fd`) used by `piccolofs m
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import logging
 import os
@@ -89,6 +90,25 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_HEAP_BYTES = 16 << 20
+
+
+def _keep_freed_heap() -> None:
+    """Keep request-sized buffers in the heap. Each request of up to 1 MiB allocates a few
+    buffers of its size (the request, the backing bytes, the result) and frees them; by
+    default glibc hands the freed top of the heap back to the kernel once it passes twice
+    its adaptive mmap threshold, so every such request page-faults its buffers in anew
+    (about 500 faults per 1 MiB write, measured). Up to 16 MiB of freed heap stay mapped."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, KEEP_HEAP_BYTES // 4)
+        libc.mallopt(_M_TRIM_THRESHOLD, KEEP_HEAP_BYTES)
+    except (OSError, AttributeError):  # not glibc: its own defaults
+        pass
 
 
 class Session:
@@ -288,6 +308,7 @@ def run(cfg: Config, master_key: bytearray, opts: MountOptions) -> int:
         master_key[:] = bytes(len(master_key))
     os.umask(0)
     _raise_fd_limit()
+    _keep_freed_heap()
     root_fd = os.open(opts.cipher_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     ops = PiccoloOperations(volume, root_fd, read_only=opts.read_only, timeout=opts.timeout)
     session = Session(ops, opts)
