@@ -51,7 +51,7 @@ class GcmRuns:
         self._key = key
         self._nonce_len = nonce_len
         self._cipher_block = cipher_block
-        self._pool: list[Any] = []
+        self._pool: list[tuple[Any, Any]] = []
 
     @classmethod
     def for_key(cls, key: bytes, nonce_len: int, cipher_block: int) -> GcmRuns | None:
