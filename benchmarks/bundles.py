@@ -52,6 +52,7 @@ import psutil
 
 from benchmarks.run import publish
 from benchmarks.targets import drop_caches
+from piccolofs.atomic import syncfs
 from tests.daemon import PASSWORD, Daemon
 
 HERE = Path(__file__).resolve().parent
@@ -196,7 +197,7 @@ def fill(root: Path, size: int, seed: int = 1) -> None:
             left -= n
         f.flush()
         os.fsync(f.fileno())
-    os.sync()
+    syncfs(root)
 
 
 @dataclass
@@ -279,7 +280,7 @@ def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dic
 
         def ours_export() -> None:
             remove_bundle(dest)
-            drop_caches()
+            drop_caches(base)
             with RssPoller(pids) as rss:
                 t, job = timed(lambda: ctl_json(a, "export", "full", "--output", str(dest)))
             samples["export_s"].append(t)
@@ -292,11 +293,11 @@ def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dic
         def tar_create() -> None:
             with contextlib.suppress(FileNotFoundError):
                 peer.unlink()
-            drop_caches()
+            drop_caches(base)
 
             def go() -> None:
                 sh("tar", "-cf", str(peer), "-C", str(cipher.parent), VOL)
-                os.sync()
+                syncfs(base)
             t, _ = timed(go)
             samples["tar_c_s"].append(t)
             print(f"  tar -c+sync {t:6.2f} s  {cbytes / MiB / t:7.1f} MiB/s", flush=True)
@@ -313,7 +314,7 @@ def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dic
             try:
                 b.start()
                 assert b.proc is not None
-                drop_caches()
+                drop_caches(base)
                 with RssPoller({"daemon": b.proc.pid}) as rss:
                     t, job = timed(lambda: ctl_json(b, "import", str(dest)))
                 samples["import_s"].append(t)
@@ -331,23 +332,23 @@ def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dic
             finally:
                 b.stop()
                 shutil.rmtree(where, ignore_errors=True)
-                os.sync()
+                syncfs(base)
 
         def tar_extract(rep: int) -> None:
             where = base / f"t{rep}"
             where.mkdir()
             try:
-                drop_caches()
+                drop_caches(base)
 
                 def go() -> None:
                     sh("tar", "-xf", str(peer), "-C", str(where))
-                    os.sync()
+                    syncfs(base)
                 t, _ = timed(go)
                 samples["tar_x_s"].append(t)
                 print(f"  tar -x+sync {t:6.2f} s  {cbytes / MiB / t:7.1f} MiB/s", flush=True)
             finally:
                 shutil.rmtree(where, ignore_errors=True)
-                os.sync()
+                syncfs(base)
 
         for rep in range(reps if "import" in parts else 0):
             for restore in ((ours_import, tar_extract) if rep % 2 == 0
@@ -358,7 +359,7 @@ def run(size: int, reps: int, base: Path, parts: tuple[str, ...] = PARTS) -> dic
 
         for _ in range(reps if "writer" in parts else 0):
             remove_bundle(dest)
-            drop_caches()
+            drop_caches(base)
             w = Writer(a.mount(VOL) / "busy")
             thread = threading.Thread(target=w.run)
             thread.start()
