@@ -170,6 +170,7 @@ class Session:
             "internal_errors": Counters.internal_errors,
             "integrity_errors": Counters.integrity_errors,
             **self.ops.requests.stats(),
+            **self.ops.listings,
         }
 
     async def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:

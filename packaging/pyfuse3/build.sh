@@ -26,7 +26,7 @@ PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 BUILD_REQUIREMENTS=(Cython==3.2.4 setuptools==80.9.0 setuptools_scm==9.2.2)
 # PEP 440 local version: still satisfies "pyfuse3==3.5.0", but tells the
 # patched build apart from the PyPI release.
-LOCAL_VERSION="${PYFUSE3_VERSION}+fallocate.lseek.caps.1"
+LOCAL_VERSION="${PYFUSE3_VERSION}+fallocate.lseek.caps.2"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PATCH="$HERE/pyfuse3-${PYFUSE3_VERSION}-fallocate-lseek-caps.patch"

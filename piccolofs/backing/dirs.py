@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -58,8 +59,26 @@ def remove_companion(dir_fd: int, bn: BackingName) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """One listed entry: its names, and the backing inode number and file type bits as
+    getdents gave them (a listing without attributes needs nothing else; type 0 where the
+    backing store did not say)."""
+
     plain: bytes
     backing: bytes
+    inode: int = 0
+    kind: int = 0
+
+
+def _kind(de: os.DirEntry[str]) -> int:
+    """The entry's file type bits from d_type (lstat only where the backing store did not
+    fill it in)."""
+    if de.is_symlink():
+        return stat.S_IFLNK
+    if de.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if de.is_file(follow_symlinks=False):
+        return stat.S_IFREG
+    return 0  # a device, fifo or socket: reported as unknown, the caller stats it
 
 
 def decode_entry(codec: NameCodec, dir_fd: int, diriv: bytes, backing: bytes) -> bytes:
@@ -93,4 +112,4 @@ def list_entries(codec: NameCodec, dir_fd: int, diriv: bytes, in_root: bool,
                 if callable(on_bad):
                     on_bad(name, exc)
                 continue
-            yield Entry(plain, name)
+            yield Entry(plain, name, de.inode(), _kind(de))

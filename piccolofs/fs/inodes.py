@@ -88,14 +88,17 @@ class InodeTable:
         return len(self._lru) + self._pinned
 
     def node_for(self, st: os.stat_result) -> int:
-        key = (st.st_dev, st.st_ino)
+        return self.node_for_key(st.st_dev, st.st_ino)
+
+    def node_for_key(self, dev: int, ino: int) -> int:
+        key = (dev, ino)
         if key == self._root_key:
             return ROOT
         node = self._spill.get(key)
         if node is not None:
             return node
-        if st.st_dev == self._dev and ROOT < st.st_ino < SPILL_BASE:
-            return st.st_ino
+        if dev == self._dev and ROOT < ino < SPILL_BASE:
+            return ino
         return self._spill_node(key)
 
     def _spill_node(self, key: tuple[int, int]) -> int:

@@ -66,10 +66,21 @@ class DirHandle:
 IntegrityReporter = Callable[[dict[str, Any]], None]
 
 
+def _dirent(node: int, kind: int) -> pyfuse3.EntryAttributes:
+    """What a plain READDIR reports of an entry: its number and file type."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = node
+    a.st_mode = kind
+    return a
+
+
 class PiccoloOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    # A pyfuse3 with plain READDIR (packaging/pyfuse3) lets the kernel list without
+    # attributes where no lookups follow; others ignore the attribute.
+    enable_readdirplus_auto = True
 
     def __init__(
         self,
@@ -95,6 +106,7 @@ class PiccoloOperations(pyfuse3.Operations):
         self._as_root = os.geteuid() == 0
         self.counters = Counters
         self.requests = RequestWaiter()
+        self.listings = {"readdir_plus": 0, "readdir_plain": 0}  # requests, for stats
         self.capture = Capture()
         self._fsync_free = syscalls.fsync_is_free(root_fd)
         self.initialized = trio.Event()
@@ -736,13 +748,29 @@ class PiccoloOperations(pyfuse3.Operations):
                                                    dir_ino.node == ROOT))
             finally:
                 os.close(dfd)
+        # READDIRPLUS gives the kernel every entry's attributes (and counts a lookup for
+        # each); a plain READDIR, for the parts of a listing no lookup follows, only names,
+        # inode numbers and types, all from getdents: no stat, no inode in either table.
+        plus = getattr(token, "plus", True)
+        self.listings["readdir_plus" if plus else "readdir_plain"] += 1
         # "." and ".." come first (ids 1 and 2); their lookup counts are never touched.
         for dot_id, (dot, ino) in enumerate(((b".", dir_ino),
                                              (b"..", dir_ino.parent or dir_ino)), 1):
-            if start_id < dot_id and not pyfuse3.readdir_reply(
-                    token, dot, self._attr(ino, self.inodes.stat(ino)), dot_id):
+            attr = (self._attr(ino, self.inodes.stat(ino)) if plus
+                    else _dirent(ino.node, stat.S_IFDIR))
+            if start_id < dot_id and not pyfuse3.readdir_reply(token, dot, attr, dot_id):
                 return
         entries = h.entries
+        if not plus:
+            dev = dir_ino.key[0]
+            node_for = self.inodes.node_for_key
+            for i in range(max(0, start_id - DOT_ENTRIES), len(entries)):
+                entry = entries[i]
+                if not pyfuse3.readdir_reply(token, entry.plain,
+                                             _dirent(node_for(dev, entry.inode), entry.kind),
+                                             i + 1 + DOT_ENTRIES):
+                    return
+            return
         dfd = self._fd(dir_ino)
         for i in range(max(0, start_id - DOT_ENTRIES), len(entries)):
             entry = entries[i]
