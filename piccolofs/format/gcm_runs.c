@@ -70,13 +70,13 @@ long pfs_gcm_open_run(EVP_CIPHER_CTX *ctx, int nonce_len,
         const size_t n = ct_len - off < cipher_block ? ct_len - off : cipher_block;
         const unsigned char *b = ct + off;
         unsigned char *o = out + (size_t)k * PLAIN_BLOCK;
-        const int body = (int)(n - (size_t)nonce_len - TAG_LEN);
-        int len = 0, fin = 0;
+        int body, len = 0, fin = 0;
 
         if (n <= (size_t)nonce_len + TAG_LEN) {
             *reason = PFS_TOO_SHORT;
             break;
         }
+        body = (int)(n - (size_t)nonce_len - TAG_LEN);
         if (all_zero(b, (size_t)nonce_len)) {
             if (n == cipher_block && all_zero(b, n)) {
                 memset(o, 0, PLAIN_BLOCK);  /* a hole */

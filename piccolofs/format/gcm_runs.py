@@ -19,9 +19,9 @@ except ImportError:  # not compiled here
     ffi = lib = None
 
 # Why a run stopped (gcm_runs.h), in the words of the pure-Python path.
-TOO_SHORT, ZERO_NONCE, BAD_TAG = 1, 2, 3
-REASONS = {TOO_SHORT: "block too short", ZERO_NONCE: "all-zero nonce",
-           BAD_TAG: "AES-256-GCM tag mismatch"}
+REASONS: dict[int, str] = {} if lib is None else {
+    lib.PFS_TOO_SHORT: "block too short", lib.PFS_ZERO_NONCE: "all-zero nonce",
+    lib.PFS_BAD_TAG: "AES-256-GCM tag mismatch"}
 
 
 def available() -> bool:
