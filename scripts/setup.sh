@@ -55,7 +55,8 @@ want="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/piccolofs/format/gcm
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
+        || ! "$VENV/bin/python" -c 'import piccolofs.format._gcm_runs' 2>/dev/null; then
     echo "setup: installing the project into $VENV" >&2
     "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO[test]" 2>&1 \
         | grep -v "^WARNING: Location" >&2 || true

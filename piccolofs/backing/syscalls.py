@@ -120,13 +120,26 @@ def read_small(dir_fd: int, name: bytes, limit: int) -> bytes:
 
 # Filesystems whose fsync has nothing to wait for (statfs f_type).
 _MEMORY_FS_MAGIC = frozenset({0x01021994, 0x858458F6})  # tmpfs, ramfs
+# Filesystems where one directory's entries share its st_dev and getdents gives the inode
+# numbers stat gives (not btrfs: a subvolume has a device of its own; not overlayfs).
+_FLAT_FS_MAGIC = frozenset({0x01021994, 0x858458F6, 0xEF53, 0x58465342})  # + ext2/3/4, xfs
+
+
+def _fs_magic(fd: int) -> int:
+    buf = ctypes.create_string_buffer(256)  # struct statfs, f_type first
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return ctypes.c_long.from_buffer(buf).value
 
 
 def fsync_is_free(fd: int) -> bool:
     """True if `fd` lives on a memory filesystem, where fsync returns at once."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs, f_type first
-    _check(_libc.fstatfs(fd, buf), "fstatfs")
-    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FS_MAGIC
+    return _fs_magic(fd) in _MEMORY_FS_MAGIC
+
+
+def listing_numbers_match_stat(fd: int) -> bool:
+    """True if the inode numbers and device of a directory listing on `fd`'s filesystem are
+    the ones stat(2) reports, so a listing can name inodes without a stat per entry."""
+    return _fs_magic(fd) in _FLAT_FS_MAGIC
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

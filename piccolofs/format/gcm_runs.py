@@ -55,7 +55,10 @@ class GcmRuns:
 
     @classmethod
     def for_key(cls, key: bytes, nonce_len: int, cipher_block: int) -> GcmRuns | None:
-        return cls(key, nonce_len, cipher_block) if available() else None
+        """None where the helper does not serve (see `available`); AES-256 keys only."""
+        if not available() or len(key) != 32:
+            return None
+        return cls(key, nonce_len, cipher_block)
 
     def _context(self) -> tuple[Any, Any]:
         """A context and its out-parameter for the reason a run stopped."""
@@ -72,13 +75,15 @@ class GcmRuns:
         """Open the run into `out`; (-1, 0) when all blocks authenticate, else the index of
         the first bad block in the run and why (the blocks before it are opened, the rest
         of `out` must be discarded)."""
-        entry = self._context()
-        ctx, reason = entry
+        assert len(file_id) == 16
         if not isinstance(ciphertext, bytes):  # bytes go as they are
             ciphertext = ffi.from_buffer(ciphertext)
+        target = ffi.from_buffer(out)
+        entry = self._context()
+        ctx, reason = entry
         try:
             bad = lib.pfs_gcm_open_run(ctx, self._nonce_len, ciphertext, len(ciphertext),
-                                       first_block, file_id, ffi.from_buffer(out), reason)
+                                       first_block, file_id, target, reason)
             why = reason[0]
         finally:
             self._pool.append(entry)
@@ -88,14 +93,16 @@ class GcmRuns:
              nonces: bytes) -> bytearray:
         """The sealed run (nonce | ciphertext | tag per block), one buffer."""
         full, rest = divmod(len(plaintext), 4096)
+        assert len(file_id) == 16 and len(nonces) == (full + (rest > 0)) * self._nonce_len
         out = bytearray(full * self._cipher_block
                         + (rest + self._cipher_block - 4096 if rest else 0))
-        entry = self._context()
         if not isinstance(plaintext, bytes):
             plaintext = ffi.from_buffer(plaintext)
+        target = ffi.from_buffer(out)
+        entry = self._context()
         try:
             ok = lib.pfs_gcm_seal_run(entry[0], self._nonce_len, plaintext, len(plaintext),
-                                      first_block, file_id, nonces, ffi.from_buffer(out)) == 0
+                                      first_block, file_id, nonces, target) == 0
         finally:
             self._pool.append(entry)
         if not ok:

@@ -101,6 +101,16 @@ class InodeTable:
             return ino
         return self._spill_node(key)
 
+    def listed_node(self, dev: int, ino: int) -> int:
+        """The id a plain listing reports for a backing entry: the one a lookup of it will
+        return. `remember` gives a newcomer that reuses the backing number of a removed
+        inode the kernel still holds an id of its own; that id is taken here already."""
+        node = self.node_for_key(dev, ino)
+        old = self._by_node.get(node)
+        if old is not None and old.key == (dev, ino) and old.name is None and not old.pinned:
+            return self._spill_node((dev, ino))
+        return node
+
     def _spill_node(self, key: tuple[int, int]) -> int:
         node = self._next_spill
         self._next_spill += 1

@@ -79,8 +79,9 @@ class PiccoloOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
     # A pyfuse3 with plain READDIR (packaging/pyfuse3) lets the kernel list without
-    # attributes where no lookups follow; others ignore the attribute.
-    enable_readdirplus_auto = True
+    # attributes where no lookups follow (set per backing filesystem in __init__); others
+    # ignore the attribute.
+    enable_readdirplus_auto = False
 
     def __init__(
         self,
@@ -109,6 +110,7 @@ class PiccoloOperations(pyfuse3.Operations):
         self.listings = {"readdir_plus": 0, "readdir_plain": 0}  # requests, for stats
         self.capture = Capture()
         self._fsync_free = syscalls.fsync_is_free(root_fd)
+        self.enable_readdirplus_auto = syscalls.listing_numbers_match_stat(root_fd)
         self.initialized = trio.Event()
 
     def init(self) -> None:
@@ -756,14 +758,16 @@ class PiccoloOperations(pyfuse3.Operations):
         # "." and ".." come first (ids 1 and 2); their lookup counts are never touched.
         for dot_id, (dot, ino) in enumerate(((b".", dir_ino),
                                              (b"..", dir_ino.parent or dir_ino)), 1):
+            if start_id >= dot_id:
+                continue
             attr = (self._attr(ino, self.inodes.stat(ino)) if plus
                     else _dirent(ino.node, stat.S_IFDIR))
-            if start_id < dot_id and not pyfuse3.readdir_reply(token, dot, attr, dot_id):
+            if not pyfuse3.readdir_reply(token, dot, attr, dot_id):
                 return
         entries = h.entries
         if not plus:
             dev = dir_ino.key[0]
-            node_for = self.inodes.node_for_key
+            node_for = self.inodes.listed_node
             for i in range(max(0, start_id - DOT_ENTRIES), len(entries)):
                 entry = entries[i]
                 if not pyfuse3.readdir_reply(token, entry.plain,
