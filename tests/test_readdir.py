@@ -17,6 +17,9 @@ import pyfuse3
 import pytest
 
 from piccolofs.backing import syscalls
+from piccolofs.format.aead import AesGcm
+from piccolofs.format.content import BlockCodec
+from piccolofs.fs.inodes import InodeTable
 from tests.mounts import PiccoloMount
 
 plain_readdir = pytest.mark.skipif(not hasattr(pyfuse3.ReaddirToken, "plus"),
@@ -100,3 +103,29 @@ def test_listings_after_lookups_and_changes(volume: PiccoloMount) -> None:
     assert sorted(os.listdir(d)) == sorted(kinds)
     assert {e.name: e.inode() for e in os.scandir(d)} == {
         n: os.stat(d / n, follow_symlinks=False).st_ino for n in kinds}
+
+
+def test_a_listed_entry_has_the_id_its_lookup_gets(tmp_path: Path) -> None:
+    """A plain listing names inodes before any lookup: the id must be the one the lookup
+    will return, also for a newcomer that reuses the backing number of a removed inode the
+    kernel still holds (which gets an id of its own)."""
+    root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        table = InodeTable(root_fd, BlockCodec(AesGcm(bytes(range(32)))))
+        table.max_fds = 0  # past the fd budget: a removed inode is not pinned
+        dev = os.fstat(root_fd).st_dev
+
+        def st(number: int) -> os.stat_result:
+            return os.stat_result((stat.S_IFREG | 0o644, number, dev, 1, 0, 0, 0, 0, 0, 0))
+
+        assert table.listed_node(dev, 5000) == 5000  # nothing known: the backing number
+        old = table.remember(table.root, b"old", st(5000))
+        assert old.node == 5000
+        table.removed(table.root, b"old", st(5000))
+        assert old.name is None and not old.pinned
+        listed = table.listed_node(dev, 5000)  # a newcomer under the same number
+        assert listed != old.node
+        assert table.listed_node(dev, 5000) == listed  # stable across listings
+        assert table.remember(table.root, b"new", st(5000)).node == listed
+    finally:
+        os.close(root_fd)
