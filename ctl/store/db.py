@@ -80,7 +80,13 @@ class ControlDB:
 
     @contextmanager
     def _ro(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+        # SQLite opens a WAL database read-only only where its -wal and -shm files exist or
+        # can be made, and a follower's filesystem refuses to make them. Once the leader
+        # has checkpointed and removed them, the main file holds every commit: it is read
+        # as immutable (no -shm), as nothing on this side may change it.
+        wal = self.path.with_name(self.path.name + "-wal")
+        mode = "ro" if wal.exists() else "ro&immutable=1"
+        db = sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True, isolation_level=None,
                              check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
