@@ -26,10 +26,11 @@ REASONS: dict[int, str] = {} if lib is None else {
 
 def available() -> bool:
     """True when runs go through the compiled helper."""
-    return lib is not None and os.environ.get("PICCOLOFS_PURE_PYTHON") != "1"
+    return unavailable_reason() is None
 
 
 def unavailable_reason() -> str | None:
+    """Why runs go block by block in Python, or None when the helper serves them."""
     if lib is None:
         return "the compiled AES-GCM helper is not built (libssl-dev missing at install)"
     if os.environ.get("PICCOLOFS_PURE_PYTHON") == "1":
