@@ -30,6 +30,13 @@ class CliError(Exception):
         self.code = code
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="piccolofs", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--spin-us", type=int, metavar="US",
                        help="after a request, poll for the next one this long before sleeping "
                             "(0: sleep at once; default 100)")
+    mount.add_argument("--read-ahead", type=_non_negative, metavar="KIB",
+                       help="how far the kernel reads ahead of a sequential reader, in KiB "
+                            "(root only; 0: the kernel's default of 128; default 1024)")
     mount.add_argument("--lease", type=float, metavar="S",
                        help="start as a leader whose writes stop after S seconds unless "
                             "the parent extends the lease (see --ctl-fd)")
@@ -193,6 +203,8 @@ def _mount_foreground(args: argparse.Namespace, cfg: gconfig.Config, key: bytear
     )
     if args.spin_us is not None:
         opts.spin_us = args.spin_us
+    if args.read_ahead is not None:
+        opts.read_ahead_kib = args.read_ahead
     try:
         return mount.run(cfg, key, opts)
     except RuntimeError as exc:
@@ -209,6 +221,8 @@ def _mount_background(args: argparse.Namespace, key: bytearray) -> int:
            "--attr-timeout", str(args.attr_timeout)]
     if args.spin_us is not None:
         cmd += ["--spin-us", str(args.spin_us)]
+    if args.read_ahead is not None:
+        cmd += ["--read-ahead", str(args.read_ahead)]
     if args.ro:
         cmd.append("--ro")
     if args.debug:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from piccolofs import mountinfo
 from tests.mounts import PiccoloMount, fsck_piccolofs, init_piccolofs, write_passfile
 
 
@@ -24,14 +25,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def _fuse_mounts() -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1].startswith("fuse"):
-                out.append(fields[4])
-    return out
+    return [m.mountpoint for m in mountinfo.mounts().values() if m.is_fuse]
 
 
 @pytest.fixture(autouse=True)

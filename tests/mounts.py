@@ -7,7 +7,6 @@ kill the process, each step bounded, so a failing test never leaves a mount behi
 from __future__ import annotations
 
 import json
-import os
 import select
 import shutil
 import socket
@@ -16,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from piccolofs import mountinfo
 
 PASSWORD = b"correct horse battery staple"
 READY_TIMEOUT = 30.0
@@ -43,9 +44,7 @@ def write_passfile(directory: Path) -> Path:
 
 
 def is_mounted(path: Path | str) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return mountinfo.is_mounted(path)
 
 
 def force_unmount(path: Path | str) -> None:
