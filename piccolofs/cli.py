@@ -22,6 +22,7 @@ from piccolofs.format import config as gconfig
 from piccolofs.format.errors import ConfigError, UnsupportedFeature, WrongPassword
 
 MOUNT_WAIT = 60.0
+MAX_READ_AHEAD_KIB = 65536
 
 
 class CliError(Exception):
@@ -30,10 +31,14 @@ class CliError(Exception):
         self.code = code
 
 
-def _non_negative(text: str) -> int:
+def _read_ahead_kib(text: str) -> int:
+    """0 (the kernel's default) or whole pages: the kernel keeps read-ahead in pages, so
+    1-3 KiB would turn it off and other values would be cut down."""
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+    if value < 0 or value % page_kib or value > MAX_READ_AHEAD_KIB:
+        raise argparse.ArgumentTypeError(
+            f"{value}: give 0 or a multiple of {page_kib} up to {MAX_READ_AHEAD_KIB}")
     return value
 
 
@@ -73,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--spin-us", type=int, metavar="US",
                        help="after a request, poll for the next one this long before sleeping "
                             "(0: sleep at once; default 100)")
-    mount.add_argument("--read-ahead", type=_non_negative, metavar="KIB",
+    mount.add_argument("--read-ahead", type=_read_ahead_kib, metavar="KIB",
                        help="how far the kernel reads ahead of a sequential reader, in KiB "
                             "(root only; 0: the kernel's default of 128; default 1024)")
     mount.add_argument("--lease", type=float, metavar="S",

@@ -118,31 +118,27 @@ def _keep_freed_heap() -> None:
         pass
 
 
-def _read_ahead_file(mountpoint: str) -> Path | None:
-    """The read-ahead knob of the piccolofs mount on `mountpoint`, found through mountinfo:
-    a stat of the mountpoint would be a request to this very process."""
-    m = mountinfo.find(mountpoint)
-    if m is None or m.fstype != "fuse.piccolofs":
-        return None
-    return Path("/sys/class/bdi", m.bdi, "read_ahead_kb")
-
-
-def _set_read_ahead(mountpoint: str, kib: int) -> None:
+def _set_read_ahead(mountpoint: str, kib: int) -> Path | None:
     """Raise the mount's read-ahead window (see READ_AHEAD_KIB). The kernel sets it when it
     takes FUSE_INIT's reply, as the smaller of its default and what the filesystem asks, so
-    only sysfs can raise it, and only root may write there: others keep 128 KiB."""
-    path = _read_ahead_file(mountpoint)
-    if path is None:
-        log.info("read-ahead left at the kernel's default: %s is not in mountinfo", mountpoint)
-        return
-    try:
-        path.write_text(f"{kib}\n", encoding="ascii")
-    except OSError as exc:
-        log.info("read-ahead left at the kernel's default: %s: %s", path, exc.strerror)
+    only sysfs can raise it, and only root may write there: others keep 128 KiB. The mount
+    is found through mountinfo: a stat of the mountpoint would be a request to this very
+    process. Returns the window's sysfs file, None where the mount is not found."""
+    m = mountinfo.find(mountpoint)
+    if m is None or m.fstype != "fuse.piccolofs":
+        log.info("read-ahead left at the kernel's default: mountinfo shows %s on %s",
+                 m.fstype if m else "nothing", mountpoint)
+        return None
+    path = Path("/sys/class/bdi", m.bdi, "read_ahead_kb")
+    if kib:
+        try:
+            path.write_text(f"{kib}\n", encoding="ascii")
+        except OSError as exc:
+            log.info("read-ahead left at the kernel's default: %s: %s", path, exc.strerror)
+    return path
 
 
-def _read_ahead_kib(mountpoint: str) -> int | None:
-    path = _read_ahead_file(mountpoint)
+def _read_ahead_kib(path: Path | None) -> int | None:
     if path is None:
         return None
     try:
@@ -159,6 +155,7 @@ class Session:
         self.opts = opts
         # Resolved before the mount exists: afterwards resolving it would ask this process.
         self.mountpoint = os.path.realpath(opts.mountpoint)
+        self._read_ahead_path: Path | None = None  # found once the mount is up
         self.we_ended_it = False
         self._ctl: trio.SocketStream | None = None
         self._send_lock = trio.Lock()
@@ -211,7 +208,7 @@ class Session:
             "cpu_seconds": cpu.user + cpu.system,
             "internal_errors": Counters.internal_errors,
             "integrity_errors": Counters.integrity_errors,
-            "read_ahead_kib": _read_ahead_kib(self.mountpoint),
+            "read_ahead_kib": _read_ahead_kib(self._read_ahead_path),
             **self.ops.requests.stats(),
             **self.ops.listings,
         }
@@ -318,8 +315,7 @@ class Session:
             self.terminate()
             return
         # The kernel took the FUSE_INIT reply before the init handler's task yielded.
-        if self.opts.read_ahead_kib:
-            _set_read_ahead(self.mountpoint, self.opts.read_ahead_kib)
+        self._read_ahead_path = _set_read_ahead(self.mountpoint, self.opts.read_ahead_kib)
         if self.opts.ready_fd is not None:
             try:
                 os.write(self.opts.ready_fd, b"ready\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,18 +45,27 @@ def canonical(path: Path | str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
+def parse(lines: Iterable[str]) -> list[Mount]:
+    """Every mount of mountinfo `lines`, in their order (a later one sits on top)."""
+    out = []
+    for line in lines:
+        fields = line.split()
+        sep = fields.index("-")
+        major, minor = fields[2].split(":")
+        out.append(Mount(_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2]),
+                         os.makedev(int(major), int(minor))))
+    return out
+
+
+def entries() -> list[Mount]:
+    """Every mount visible to this process, stacked ones included."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return parse(f)
+
+
 def mounts() -> dict[str, Mount]:
     """Mountpoint -> the topmost mount there, for every mount visible to this process."""
-    out: dict[str, Mount] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            major, minor = fields[2].split(":")
-            point = _unescape(fields[4])
-            out[point] = Mount(point, fields[sep + 1], _unescape(fields[sep + 2]),
-                               os.makedev(int(major), int(minor)))
-    return out
+    return {m.mountpoint: m for m in entries()}
 
 
 def find(path: Path | str) -> Mount | None:

@@ -25,7 +25,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def _fuse_mounts() -> list[str]:
-    return [m.mountpoint for m in mountinfo.mounts().values() if m.is_fuse]
+    return [m.mountpoint for m in mountinfo.entries() if m.fstype.startswith("fuse")]
 
 
 @pytest.fixture(autouse=True)

@@ -245,6 +245,73 @@ def test_compiled_runs_write_and_read_what_python_does(monkeypatch: pytest.Monke
         assert outcome(native, first, data) == outcome(pure, first, data), (first, len(data))
 
 
+@pytest.mark.parametrize("nonce_len", [16, 12])
+def test_long_runs_shared_with_the_helper_thread_open_as_python_does(
+        monkeypatch: pytest.MonkeyPatch, nonce_len: int) -> None:
+    """Runs long enough to be opened in chunks by the caller and a helper thread together
+    (gcm_runs.c) give the bytes, and fail on the first bad block with the reason, that the
+    block-by-block path gives, wherever the bad blocks fall among the chunks."""
+    native, pure = _gcm_codecs(monkeypatch, nonce_len)
+    from piccolofs.format._gcm_runs import lib
+
+    cbs = native.layout.cipher_block
+    rnd = random.Random(11)
+    assert not lib.pfs_gcm_run_is_shared(63 * cbs, nonce_len)
+    assert lib.pfs_gcm_run_is_shared(64 * cbs, nonce_len)
+    for blocks in (64, 65, 100, 256):
+        plain = rnd.randbytes(blocks * 4096 - rnd.randrange(4000))
+        run = pure.seal_run(5, FILE_ID, plain)
+        for _ in range(20):  # the helper sometimes wakes in time, sometimes not
+            assert native.open_run(5, FILE_ID, run) == plain
+    # The helper does take part (it may be slow to wake, so give it time).
+    before = lib.pfs_gcm_helper_chunks()
+    deadline = time.monotonic() + 10
+    while lib.pfs_gcm_helper_chunks() == before and time.monotonic() < deadline:
+        assert native.open_run(5, FILE_ID, run) == plain
+    assert lib.pfs_gcm_helper_chunks() > before
+
+    def outcome(codec: content.BlockCodec, data: bytes) -> object:
+        try:
+            return bytes(codec.open_run(5, FILE_ID, data))
+        except content.BlockAuthError as exc:
+            return exc.block_no, str(exc)
+
+    plain = rnd.randbytes(200 * 4096 + 77)
+    run = pure.seal_run(5, FILE_ID, plain)
+    cases = [run[:-78], run[:199 * cbs + nonce_len + 16],  # a tail too short
+             run[:150 * cbs] + bytes(cbs) + run[151 * cbs:],  # a hole opens as zeros
+             run[:70 * cbs] + bytes(nonce_len) + run[70 * cbs + nonce_len:]]
+    for blocks in ([0], [199], [17], [3, 180], [180, 3], [31, 32], [100, 101, 150]):
+        bad = bytearray(run)
+        for b in blocks:  # a bad tag in each
+            bad[b * cbs + cbs - 1] ^= 0x80
+        cases.append(bytes(bad))
+    for data in cases:
+        for _ in range(5):
+            assert outcome(native, data) == outcome(pure, data), len(data)
+
+
+def test_long_runs_open_right_from_many_threads_at_once() -> None:
+    """One run at a time shares the helper thread; the others open alone, meanwhile."""
+    codec = content.BlockCodec(AesGcm(hashlib.sha256(b"threads").digest()))
+    rnd = random.Random(3)
+    plains = [rnd.randbytes(rnd.randrange(60, 260) * 4096) for _ in range(6)]
+    runs = [codec.seal_run(i, FILE_ID, p) for i, p in enumerate(plains)]
+    wrong: list[int] = []
+
+    def reader(i: int) -> None:
+        for _ in range(40):
+            if codec.open_run(i, FILE_ID, runs[i]) != plains[i]:
+                wrong.append(i)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and not wrong
+
+
 def test_compiled_runs_release_the_gil() -> None:
     """While a thread opens runs in the helper, another thread's Python runs (the point of
     the helper for concurrent reads). The interpreter is told never to force a switch, so

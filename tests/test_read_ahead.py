@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from piccolofs import mountinfo
 from piccolofs.mount import READ_AHEAD_KIB
 from tests.conftest import assert_clean_log
 from tests.mounts import PiccoloMount, init_piccolofs
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="only root may set read-ahead")
 
 
 def _bdi_read_ahead(mnt: Path) -> int:
@@ -26,6 +25,7 @@ def _bdi_read_ahead(mnt: Path) -> int:
     return int(bdi.read_text())
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set read-ahead")
 @pytest.mark.parametrize("extra, expected", [([], READ_AHEAD_KIB),
                                              (["--read-ahead", "256"], 256),
                                              (["--read-ahead", "0"], 128)])
@@ -51,11 +51,32 @@ def test_the_mount_sets_its_read_ahead(tmp_path: Path, passfile: Path, extra: li
     assert_clean_log(m)
 
 
-def test_a_negative_read_ahead_is_a_usage_error(tmp_path: Path, passfile: Path) -> None:
+@pytest.mark.parametrize("value", ["-4", "3", "1022", "1048576"])
+def test_a_read_ahead_the_kernel_would_not_keep_is_a_usage_error(
+        tmp_path: Path, passfile: Path, value: str) -> None:
     cipher = tmp_path / "cipher"
     init_piccolofs(cipher, passfile)
-    m = PiccoloMount(cipher, tmp_path / "mnt", passfile, extra=["--read-ahead", "-1"])
+    m = PiccoloMount(cipher, tmp_path / "mnt", passfile, extra=["--read-ahead", value])
     with pytest.raises(EOFError):
         m.start()
     assert m.proc is not None and m.proc.wait(10) == 2
-    assert "is negative" in m.log()
+    assert "give 0 or a multiple of 4" in m.log()
+
+
+def test_mountinfo_is_read_as_the_kernel_escapes_it() -> None:
+    lines = [
+        "22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw",
+        r"90 22 0:55 / /srv/a\040b\011c\012d\134e rw,nosuid,nodev shared:40 - "
+        r"fuse.piccolofs /data/cipher\040dir rw,user_id=0,group_id=0",
+        "91 90 0:56 / /srv/stacked rw - tmpfs tmpfs rw",
+        "92 90 0:57 / /srv/stacked rw master:3 - fuse.piccolofs /c rw,user_id=0",
+    ]
+    parsed = mountinfo.parse(lines)
+    assert [m.mountpoint for m in parsed] == ["/proc", "/srv/a b\tc\nd\\e", "/srv/stacked",
+                                              "/srv/stacked"]
+    fuse = parsed[1]
+    assert (fuse.fstype, fuse.source, fuse.is_fuse, fuse.bdi) == (
+        "fuse.piccolofs", "/data/cipher dir", True, "0:55")
+    assert not parsed[0].is_fuse
+    top = {m.mountpoint: m for m in parsed}["/srv/stacked"]
+    assert (top.fstype, top.bdi) == ("fuse.piccolofs", "0:57")

@@ -2,7 +2,8 @@
  *
  * The per-call cost of a Python AEAD call (a fresh cipher context, argument parsing) is
  * larger than the cipher work on one 4 KiB block; here one OpenSSL context serves a whole
- * run, and cffi releases the GIL around the call so that two runs decrypt on two CPUs.
+ * run, and cffi releases the GIL around the call. A long run to open is shared with a
+ * helper thread, so that it decrypts on two CPUs (pfs_gcm_open_run_shared, below).
  * A context (pfs_gcm_new) holds one key's schedule and serves one run at a time.
  * The layout is the one of piccolofs.format.content:
  *
@@ -11,8 +12,16 @@
  *
  * A full-size block of zero bytes is a hole and opens as 4096 zero bytes.
  */
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 #include <openssl/evp.h>
 
 #include "gcm_runs.h"
@@ -97,6 +106,179 @@ long pfs_gcm_open_run(EVP_CIPHER_CTX *ctx, int nonce_len,
         }
     }
     return *reason == PFS_OK ? -1 : k;
+}
+
+/* -- a second CPU for long runs ------------------------------------------------------
+ *
+ * A mount answers one request at a time, so a long read would decrypt on one CPU while
+ * the other idles. One helper thread per process opens chunks of a long run beside the
+ * caller: both take chunks from one counter, so the caller never waits for a helper that
+ * is slow to wake (at most for the one chunk the helper holds). The helper touches a run
+ * only after claiming it (POSTED -> TAKEN); a caller that finishes every chunk before the
+ * helper claims the run withdraws it (POSTED -> IDLE) and returns at once. One run at a
+ * time shares the helper; a second caller meanwhile opens its run alone.
+ */
+#define CHUNK_BLOCKS 16
+#define SHARED_MIN_BLOCKS 64
+#define WAIT_SPIN_NS 200000L
+
+enum { IDLE, POSTED, TAKEN, DONE };
+
+struct shared_run {
+    EVP_CIPHER_CTX *helper_ctx;
+    int nonce_len;
+    const unsigned char *ct;
+    size_t ct_len;
+    uint64_t first_block;
+    const unsigned char *file_id;
+    unsigned char *out;
+    size_t chunks;
+    atomic_size_t next;    /* the next chunk to take */
+    atomic_long first_bad; /* (block << 2) | reason of the first bad block; LONG_MAX: none */
+};
+
+static struct {
+    pthread_mutex_t lock; /* held by the caller whose run is shared */
+    pthread_once_t once;
+    int ready;            /* the helper thread runs */
+    atomic_int state;
+    struct shared_run run;
+    atomic_ulong chunks_opened; /* by the helper, since the process started */
+} helper = { .lock = PTHREAD_MUTEX_INITIALIZER, .once = PTHREAD_ONCE_INIT, .state = IDLE };
+
+static void futex_wait(atomic_int *addr, int expected)
+{
+    syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+
+static void futex_wake(atomic_int *addr)
+{
+    syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+static unsigned long open_chunks(struct shared_run *r, EVP_CIPHER_CTX *ctx)
+{
+    const size_t cipher_block = (size_t)r->nonce_len + PLAIN_BLOCK + TAG_LEN;
+    unsigned long opened = 0;
+    size_t c;
+
+    for (; (c = atomic_fetch_add(&r->next, 1)) < r->chunks; opened++) {
+        const size_t start = c * CHUNK_BLOCKS * cipher_block;
+        const size_t left = r->ct_len - start;
+        const size_t len = left < CHUNK_BLOCKS * cipher_block ? left : CHUNK_BLOCKS * cipher_block;
+        int reason;
+        long k = pfs_gcm_open_run(ctx, r->nonce_len, r->ct + start, len,
+                                  r->first_block + c * CHUNK_BLOCKS, r->file_id,
+                                  r->out + c * CHUNK_BLOCKS * PLAIN_BLOCK, &reason);
+        if (k >= 0) {
+            long bad = ((long)(c * CHUNK_BLOCKS) + k) << 2 | reason;
+            long seen = atomic_load(&r->first_bad);
+            while (bad < seen && !atomic_compare_exchange_weak(&r->first_bad, &seen, bad))
+                ;
+        }
+    }
+    return opened;
+}
+
+static void *helper_main(void *unused)
+{
+    (void)unused;
+    for (;;) {
+        int s = atomic_load(&helper.state);
+        if (s != POSTED) {
+            futex_wait(&helper.state, s);
+            continue;
+        }
+        if (!atomic_compare_exchange_strong(&helper.state, &s, TAKEN))
+            continue;  /* withdrawn */
+        atomic_fetch_add(&helper.chunks_opened,
+                         open_chunks(&helper.run, helper.run.helper_ctx));
+        atomic_store(&helper.state, DONE);
+        futex_wake(&helper.state);
+    }
+    return NULL;
+}
+
+static void start_helper(void)
+{
+    pthread_attr_t attr;
+    pthread_t thread;
+    sigset_t all, old;
+
+    if (sysconf(_SC_NPROCESSORS_ONLN) < 2 || pthread_attr_init(&attr) != 0)
+        return;
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    /* Signals stay with the interpreter's threads. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    helper.ready = pthread_create(&thread, &attr, helper_main, NULL) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+}
+
+static long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+unsigned long pfs_gcm_helper_chunks(void)
+{
+    return atomic_load(&helper.chunks_opened);
+}
+
+int pfs_gcm_run_is_shared(size_t ct_len, int nonce_len)
+{
+    const size_t cipher_block = (size_t)nonce_len + PLAIN_BLOCK + TAG_LEN;
+    return ct_len >= SHARED_MIN_BLOCKS * cipher_block;
+}
+
+long pfs_gcm_open_run_shared(EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *helper_ctx,
+                             int nonce_len, const unsigned char *ct, size_t ct_len,
+                             uint64_t first_block, const unsigned char *file_id,
+                             unsigned char *out, int *reason)
+{
+    const size_t cipher_block = (size_t)nonce_len + PLAIN_BLOCK + TAG_LEN;
+    struct shared_run *r = &helper.run;
+    long bad;
+
+    if (!pfs_gcm_run_is_shared(ct_len, nonce_len)
+        || pthread_once(&helper.once, start_helper) != 0 || !helper.ready
+        || pthread_mutex_trylock(&helper.lock) != 0)
+        return pfs_gcm_open_run(ctx, nonce_len, ct, ct_len, first_block, file_id, out,
+                                reason);
+    r->helper_ctx = helper_ctx;
+    r->nonce_len = nonce_len;
+    r->ct = ct;
+    r->ct_len = ct_len;
+    r->first_block = first_block;
+    r->file_id = file_id;
+    r->out = out;
+    r->chunks = (ct_len + CHUNK_BLOCKS * cipher_block - 1) / (CHUNK_BLOCKS * cipher_block);
+    atomic_store(&r->next, 0);
+    atomic_store(&r->first_bad, LONG_MAX);
+    atomic_store(&helper.state, POSTED);  /* publishes the run */
+    futex_wake(&helper.state);
+    open_chunks(r, ctx);
+    int s = POSTED;
+    if (!atomic_compare_exchange_strong(&helper.state, &s, IDLE)) {
+        /* The helper holds a chunk: wait for it, briefly spinning, then sleeping. */
+        const long until = now_ns() + WAIT_SPIN_NS;
+        while ((s = atomic_load(&helper.state)) == TAKEN && now_ns() < until)
+            ;
+        while ((s = atomic_load(&helper.state)) == TAKEN)
+            futex_wait(&helper.state, TAKEN);
+        atomic_store(&helper.state, IDLE);
+    }
+    bad = atomic_load(&r->first_bad);
+    pthread_mutex_unlock(&helper.lock);
+    if (bad == LONG_MAX) {
+        *reason = PFS_OK;
+        return -1;
+    }
+    *reason = (int)(bad & 3);
+    return bad >> 2;
 }
 
 int pfs_gcm_seal_run(EVP_CIPHER_CTX *ctx, int nonce_len,

@@ -3,6 +3,8 @@
 A Python AEAD call costs more than the cipher work on one 4 KiB block (a fresh context,
 argument parsing, a result object), so the content hot paths hand a whole run of blocks to
 `piccolofs.format._gcm_runs` (C over OpenSSL's libcrypto, built by setup.py through cffi).
+A run of 64 blocks or more to open (a large read) is shared with a helper thread of the
+compiled code, which opens chunks of it on the other CPU while the caller opens the rest.
 The bytes on disk are the same either way. Where the helper was not built, or with
 PICCOLOFS_PURE_PYTHON=1 in the environment, `GcmRuns.for_key` returns None and
 piccolofs.format.content seals and opens block by block in Python.
@@ -82,13 +84,24 @@ class GcmRuns:
         target = ffi.from_buffer(out)
         entry = self._context()
         ctx, reason = entry
+        if not lib.pfs_gcm_run_is_shared(len(ciphertext), self._nonce_len):
+            try:
+                bad = lib.pfs_gcm_open_run(ctx, self._nonce_len, ciphertext,
+                                           len(ciphertext), first_block, file_id, target,
+                                           reason)
+                return bad, reason[0]
+            finally:
+                self._pool.append(entry)
+        # A long run: the helper's second CPU opens part of it, with a context of its own.
+        second = self._context()
         try:
-            bad = lib.pfs_gcm_open_run(ctx, self._nonce_len, ciphertext, len(ciphertext),
-                                       first_block, file_id, target, reason)
-            why = reason[0]
+            bad = lib.pfs_gcm_open_run_shared(ctx, second[0], self._nonce_len, ciphertext,
+                                              len(ciphertext), first_block, file_id,
+                                              target, reason)
+            return bad, reason[0]
         finally:
+            self._pool.append(second)
             self._pool.append(entry)
-        return bad, why
 
     def seal(self, first_block: int, file_id: bytes, plaintext: Any,
              nonces: bytes) -> bytearray:
