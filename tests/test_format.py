@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import sys
 import threading
@@ -263,7 +264,11 @@ def test_long_runs_shared_with_the_helper_thread_open_as_python_does(
         run = pure.seal_run(5, FILE_ID, plain)
         for _ in range(20):  # the helper sometimes wakes in time, sometimes not
             assert native.open_run(5, FILE_ID, run) == plain
-    # The helper does take part (it may be slow to wake, so give it time).
+    # The helper does take part (it may be slow to wake, so give it time), wherever this
+    # process may run on two CPUs.
+    assert lib.pfs_gcm_helper_ready() == (len(os.sched_getaffinity(0)) > 1)
+    if not lib.pfs_gcm_helper_ready():
+        return
     before = lib.pfs_gcm_helper_chunks()
     deadline = time.monotonic() + 10
     while lib.pfs_gcm_helper_chunks() == before and time.monotonic() < deadline:
@@ -278,17 +283,19 @@ def test_long_runs_shared_with_the_helper_thread_open_as_python_does(
 
     plain = rnd.randbytes(200 * 4096 + 77)
     run = pure.seal_run(5, FILE_ID, plain)
-    cases = [run[:-78], run[:199 * cbs + nonce_len + 16],  # a tail too short
-             run[:150 * cbs] + bytes(cbs) + run[151 * cbs:],  # a hole opens as zeros
+    cases = [run[:150 * cbs] + bytes(cbs) + run[151 * cbs:],  # a hole opens as zeros
              run[:70 * cbs] + bytes(nonce_len) + run[70 * cbs + nonce_len:]]
     for blocks in ([0], [199], [17], [3, 180], [180, 3], [31, 32], [100, 101, 150]):
         bad = bytearray(run)
         for b in blocks:  # a bad tag in each
             bad[b * cbs + cbs - 1] ^= 0x80
         cases.append(bytes(bad))
+    # Which thread opens which chunk, and which finishes first, varies from call to call:
+    # many calls, so that a later chunk's failure often lands before an earlier one's.
     for data in cases:
-        for _ in range(5):
-            assert outcome(native, data) == outcome(pure, data), len(data)
+        expected = outcome(pure, data)
+        for _ in range(30):
+            assert outcome(native, data) == expected, len(data)
 
 
 def test_long_runs_open_right_from_many_threads_at_once() -> None:

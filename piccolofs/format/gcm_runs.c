@@ -12,9 +12,11 @@
  *
  * A full-size block of zero bytes is a hole and opens as 4096 zero bytes.
  */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -120,7 +122,7 @@ long pfs_gcm_open_run(EVP_CIPHER_CTX *ctx, int nonce_len,
  */
 #define CHUNK_BLOCKS 16
 #define SHARED_MIN_BLOCKS 64
-#define WAIT_SPIN_NS 200000L
+#define WAIT_SPIN_NS 200000
 
 enum { IDLE, POSTED, TAKEN, DONE };
 
@@ -203,29 +205,49 @@ static void start_helper(void)
 {
     pthread_attr_t attr;
     pthread_t thread;
+    cpu_set_t cpus;
     sigset_t all, old;
 
-    if (sysconf(_SC_NPROCESSORS_ONLN) < 2 || pthread_attr_init(&attr) != 0)
+    /* The CPUs this process may run on (taskset, cpusets), not those of the machine. */
+    if (sched_getaffinity(0, sizeof cpus, &cpus) != 0 || CPU_COUNT(&cpus) < 2
+        || pthread_attr_init(&attr) != 0)
         return;
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    /* Signals stay with the interpreter's threads. */
+    /* Signals stay with the interpreter's threads, but for the faults of this one. */
     sigfillset(&all);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
+    sigdelset(&all, SIGABRT);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     helper.ready = pthread_create(&thread, &attr, helper_main, NULL) == 0;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
 }
 
-static long now_ns(void)
+static int64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
 }
 
 unsigned long pfs_gcm_helper_chunks(void)
 {
     return atomic_load(&helper.chunks_opened);
+}
+
+int pfs_gcm_helper_ready(void)
+{
+    return pthread_once(&helper.once, start_helper) == 0 && helper.ready;
 }
 
 int pfs_gcm_run_is_shared(size_t ct_len, int nonce_len)
@@ -264,9 +286,9 @@ long pfs_gcm_open_run_shared(EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *helper_ctx,
     int s = POSTED;
     if (!atomic_compare_exchange_strong(&helper.state, &s, IDLE)) {
         /* The helper holds a chunk: wait for it, briefly spinning, then sleeping. */
-        const long until = now_ns() + WAIT_SPIN_NS;
+        const int64_t until = now_ns() + WAIT_SPIN_NS;
         while ((s = atomic_load(&helper.state)) == TAKEN && now_ns() < until)
-            ;
+            cpu_relax();
         while ((s = atomic_load(&helper.state)) == TAKEN)
             futex_wait(&helper.state, TAKEN);
         atomic_store(&helper.state, IDLE);

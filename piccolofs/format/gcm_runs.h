@@ -19,6 +19,7 @@ long pfs_gcm_open_run_shared(EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *helper_ctx,
                              unsigned char *out, int *reason);
 int pfs_gcm_run_is_shared(size_t ct_len, int nonce_len);
 unsigned long pfs_gcm_helper_chunks(void);
+int pfs_gcm_helper_ready(void);
 int pfs_gcm_seal_run(EVP_CIPHER_CTX *ctx, int nonce_len,
                      const unsigned char *pt, size_t pt_len, uint64_t first_block,
                      const unsigned char *file_id, const unsigned char *nonces,

@@ -93,7 +93,11 @@ class GcmRuns:
             finally:
                 self._pool.append(entry)
         # A long run: the helper's second CPU opens part of it, with a context of its own.
-        second = self._context()
+        try:
+            second = self._context()
+        except BaseException:
+            self._pool.append(entry)
+            raise
         try:
             bad = lib.pfs_gcm_open_run_shared(ctx, second[0], self._nonce_len, ciphertext,
                                               len(ciphertext), first_block, file_id,
