@@ -256,6 +256,9 @@ int pfs_gcm_run_is_shared(size_t ct_len, int nonce_len)
     return ct_len >= SHARED_MIN_BLOCKS * cipher_block;
 }
 
+/* As pfs_gcm_open_run, with helper_ctx (same key) for the helper's chunks. A short run,
+ * no helper_ctx, no helper thread or a helper busy with another run: the caller opens
+ * the run alone. */
 long pfs_gcm_open_run_shared(EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *helper_ctx,
                              int nonce_len, const unsigned char *ct, size_t ct_len,
                              uint64_t first_block, const unsigned char *file_id,
@@ -265,7 +268,7 @@ long pfs_gcm_open_run_shared(EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *helper_ctx,
     struct shared_run *r = &helper.run;
     long bad;
 
-    if (!pfs_gcm_run_is_shared(ct_len, nonce_len)
+    if (helper_ctx == NULL || !pfs_gcm_run_is_shared(ct_len, nonce_len)
         || pthread_once(&helper.once, start_helper) != 0 || !helper.ready
         || pthread_mutex_trylock(&helper.lock) != 0)
         return pfs_gcm_open_run(ctx, nonce_len, ct, ct_len, first_block, file_id, out,

@@ -82,30 +82,19 @@ class GcmRuns:
         if not isinstance(ciphertext, bytes):  # bytes go as they are
             ciphertext = ffi.from_buffer(ciphertext)
         target = ffi.from_buffer(out)
-        entry = self._context()
-        ctx, reason = entry
-        if not lib.pfs_gcm_run_is_shared(len(ciphertext), self._nonce_len):
-            try:
-                bad = lib.pfs_gcm_open_run(ctx, self._nonce_len, ciphertext,
-                                           len(ciphertext), first_block, file_id, target,
-                                           reason)
-                return bad, reason[0]
-            finally:
-                self._pool.append(entry)
-        # A long run: the helper's second CPU opens part of it, with a context of its own.
+        entries = [self._context()]
         try:
-            second = self._context()
-        except BaseException:
-            self._pool.append(entry)
-            raise
-        try:
-            bad = lib.pfs_gcm_open_run_shared(ctx, second[0], self._nonce_len, ciphertext,
+            helper_ctx = ffi.NULL
+            if lib.pfs_gcm_run_is_shared(len(ciphertext), self._nonce_len):
+                entries.append(self._context())  # the helper thread's, for its chunks
+                helper_ctx = entries[1][0]
+            ctx, reason = entries[0]
+            bad = lib.pfs_gcm_open_run_shared(ctx, helper_ctx, self._nonce_len, ciphertext,
                                               len(ciphertext), first_block, file_id,
                                               target, reason)
             return bad, reason[0]
         finally:
-            self._pool.append(second)
-            self._pool.append(entry)
+            self._pool.extend(entries)
 
     def seal(self, first_block: int, file_id: bytes, plaintext: Any,
              nonces: bytes) -> bytearray:
