@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import stat
@@ -21,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from ctl.volumes.child import MountChild
+from ctl.volumes.child import MountChild, MountFailed
 from piccolofs import protocol
 from piccolofs.backing.syscalls import RENAME_EXCHANGE, renameat2
 from piccolofs.fs.capture import MAX_PATH, Capture, CaptureError
@@ -312,6 +313,40 @@ def test_closing_the_channel_during_a_hold_releases_writers(volume: PiccoloMount
 
 
 # -- the daemon's side -------------------------------------------------------------------------
+def _open_fds() -> list[str]:
+    """This process's open files by kind (pipe:, socket:, a path), numbers left out."""
+    kinds = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            kinds.append(os.readlink(f"/proc/self/fd/{fd}").split("[")[0])
+    return sorted(kinds)
+
+
+async def test_mount_children_leave_no_pipe_behind(tmp_path: Path, passfile: Path) -> None:
+    """A child's stderr pipe is closed when it exits, whether it failed or served: a daemon
+    that remounts all day must not wait for the garbage collector to let go of them."""
+    cipher = tmp_path / "cipher"
+    init_piccolofs(cipher, passfile)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    gc.disable()  # the children stay referenced; only an explicit close frees their pipes
+    try:
+        before = _open_fds()
+        failed = MountChild("v1", cipher, mnt, read_only=False)
+        with trio.fail_after(60), pytest.raises(MountFailed, match="exited before"):
+            await failed.run(b"not the password")
+        assert _open_fds() == before
+        served = MountChild("v1", cipher, mnt, read_only=False)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(served.run, PASSWORD)
+                await served.unmount(lazy=False)
+        assert served.returncode == 0 and not is_mounted(mnt)
+        assert _open_fds() == before
+    finally:
+        gc.enable()
+
+
 async def test_mount_child_fetches_every_page(tmp_path: Path, passfile: Path) -> None:
     cipher = tmp_path / "cipher"
     init_piccolofs(cipher, passfile)

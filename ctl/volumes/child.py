@@ -139,7 +139,12 @@ class MountChild:
 
     async def _wait_exit(self, scope: trio.CancelScope) -> None:
         assert self.proc is not None and self.proc.stderr is not None
-        await self._pump_stderr(self.proc.stderr)
+        try:
+            await self._pump_stderr(self.proc.stderr)
+        finally:
+            # Closed here, not whenever the Process is collected: a daemon that remounts
+            # all day must not hold a pipe per past child until the garbage collector runs.
+            await trio.aclose_forcefully(self.proc.stderr)
         self.returncode = await self.proc.wait()
         self.exited.set()
         scope.cancel()
