@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from ctl.api.bundles import CHUNK, _Chunks
 from tests.daemon import PASSWORD, Daemon
 from tests.mounts import force_unmount, is_mounted
 from tests.treegen import build_tree, manifest
@@ -714,3 +715,31 @@ def test_the_hashing_thread_hashes_in_order_and_reports_its_failure() -> None:
         assert h.digest() == hashlib.sha256(b"again").hexdigest()
     finally:
         h.close()
+
+
+async def test_a_bundle_sent_or_not_closes_its_file(tmp_path: Path) -> None:
+    """The bundle's file is closed once the answer ends, also when the client left before
+    the first byte (the stream is closed without ever being read)."""
+    bundle = tmp_path / "bundle.tar"
+    data = os.urandom(CHUNK + 5)
+    bundle.write_bytes(data)
+
+    def held() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if _link(f"/proc/self/fd/{fd}") == str(bundle))
+
+    unread = _Chunks(os.open(bundle, os.O_RDONLY))
+    assert held() == 1
+    await unread.aclose()
+    assert held() == 0
+    read = _Chunks(os.open(bundle, os.O_RDONLY))
+    assert [len(c) async for c in read] == [CHUNK, 5]
+    await read.aclose()
+    assert held() == 0
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""

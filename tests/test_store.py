@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -236,3 +239,22 @@ def test_store_health_in_cli(daemon: Daemon) -> None:
     res = daemon.ctl("store", "check")
     assert res.returncode == 0 and res.stdout.startswith("ok")
     time.sleep(0)  # keep the fixture's log check last
+
+
+def test_a_database_that_cannot_open_is_closed_at_once(tmp_path: Path) -> None:
+    """A control.db that is not a database is refused with SQLite's error, and the daemon
+    holds no file of it afterwards (not until a garbage collection)."""
+    path = tmp_path / "control.db"
+    path.write_bytes(b"not a database at all " * 200)
+    gc.disable()  # the error's traceback keeps every frame alive: only a close frees the file
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+            ControlDB(path, read_only=False)
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own fd is gone by now
+                held += [fd] if os.readlink(f"/proc/self/fd/{fd}").startswith(str(path)) else []
+    finally:
+        gc.enable()
+    assert held == []
+    assert path.read_bytes() == b"not a database at all " * 200

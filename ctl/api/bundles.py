@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,7 +89,7 @@ def bundle_routes(controller: Controller, exporter: Exporter, importer: Importer
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"the bundle {path} is gone") from None
-        return Stream(_chunks(fd), content_type="application/x-tar",
+        return Stream(_Chunks(fd), content_type="application/x-tar",
                       headers={"x-piccolo-sha256": str(job.result.get("sha256", ""))})
 
     async def import_start(req: Request) -> Response:
@@ -191,13 +191,25 @@ def _failed(error: dict[str, str]) -> Exception:
     return exc
 
 
-async def _chunks(fd: int) -> AsyncIterator[bytes]:
-    try:
-        while True:
-            data = await trio.to_thread.run_sync(os.read, fd, CHUNK)
-            if not data:
-                return
-            yield data
-    finally:
-        os.close(fd)
+class _Chunks:
+    """A bundle's bytes for a Stream. The file is closed by aclose() even when iteration
+    never began (the client left before the headers went out), which a generator's
+    `finally` would not do."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await trio.to_thread.run_sync(os.read, self.fd, CHUNK)
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+    async def aclose(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 

@@ -200,7 +200,8 @@ class TreeCopy:
             return None
         try:
             st = os.fstat(fd)
-            names = sorted(_text(os.fsencode(e.name)) for e in os.scandir(fd))
+            with os.scandir(fd) as entries:
+                names = sorted(_text(os.fsencode(e.name)) for e in entries)
             node = Node("dir", (st.st_dev, st.st_ino), stat.S_IMODE(st.st_mode), st.st_uid,
                         st.st_gid, st.st_mtime_ns, xattrs=_xattrs(fd))
             return node, names

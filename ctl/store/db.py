@@ -66,17 +66,18 @@ class ControlDB:
             with self._ro() as db:
                 db.execute("SELECT revision FROM meta").fetchone()
         else:
-            self._db = self._connect()
-            migrate(self._db)
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=BUSY_TIMEOUT_MS / 1000)
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise sqlite3.OperationalError("could not switch control.db to WAL mode")
-        db.execute("PRAGMA synchronous = FULL")
-        return db
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=BUSY_TIMEOUT_MS / 1000)
+            try:  # a database that cannot be opened right is closed now, not when collected
+                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                    raise sqlite3.OperationalError("could not switch control.db to WAL mode")
+                db.execute("PRAGMA synchronous = FULL")
+                migrate(db)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
 
     @contextmanager
     def _ro(self) -> Iterator[sqlite3.Connection]:

@@ -343,6 +343,9 @@ class _Tpm:
         except self.t.TSS2_Exception as exc:
             self._tcti.close()
             raise TpmUnavailable(f"no TPM answers at {self.name} ({exc})") from None
+        except BaseException:
+            self._tcti.close()
+            raise
 
     def __enter__(self) -> _Tpm:
         return self
@@ -353,10 +356,12 @@ class _Tpm:
 
     def close(self) -> None:
         try:
-            while self._handles:
-                self.flush(self._handles[-1])
-            self.esys.close()
-            self._tcti.close()
+            try:
+                while self._handles:
+                    self.flush(self._handles[-1])
+                self.esys.close()
+            finally:
+                self._tcti.close()
         finally:
             _LOCK.release()
 

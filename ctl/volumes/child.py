@@ -69,25 +69,12 @@ class MountChild:
     async def run(self, passphrase: bytes, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
         parent_sock, child_sock = socket.socketpair()
-        pass_r, pass_w = os.pipe()
-        cmd = [sys.executable, "-m", "piccolofs", "mount", "--foreground",
-               "--ctl-fd", str(child_sock.fileno()), "--passfd", str(pass_r)]
-        if self.read_only:
-            cmd.append("--ro")
-        elif self.fence is not None:
-            cmd += ["--token", str(self.fence.token), "--lease-until", repr(self.fence.until)]
-        cmd += ["--", str(self.cipher), str(self.mountpoint)]
         try:
-            self.proc = await trio.lowlevel.open_process(
-                cmd, pass_fds=(child_sock.fileno(), pass_r), cwd="/", stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        finally:
-            child_sock.close()
-            os.close(pass_r)
-        try:
-            os.write(pass_w, passphrase + b"\n")
-        finally:
-            os.close(pass_w)
+            with child_sock:
+                await self._spawn(passphrase, child_sock)
+        except BaseException:
+            parent_sock.close()
+            raise
         parent_sock.setblocking(False)
         self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
         lines = protocol.LineBuffer()
@@ -118,6 +105,38 @@ class MountChild:
                               f"(exit code {self.returncode}){self._last_words()}")
         assert self.returncode is not None
         return self.returncode
+
+    async def _spawn(self, passphrase: bytes, child_sock: socket.socket) -> None:
+        """Start the child and hand it the passphrase. Every pipe end is closed however this
+        ends, and a child that could not be handed its passphrase is killed and reaped."""
+        cmd = [sys.executable, "-m", "piccolofs", "mount", "--foreground",
+               "--ctl-fd", str(child_sock.fileno())]
+        if self.read_only:
+            cmd.append("--ro")
+        elif self.fence is not None:
+            cmd += ["--token", str(self.fence.token), "--lease-until", repr(self.fence.until)]
+        pass_r, pass_w = os.pipe()
+        try:
+            try:
+                self.proc = await trio.lowlevel.open_process(
+                    [*cmd, "--passfd", str(pass_r), "--", str(self.cipher),
+                     str(self.mountpoint)],
+                    pass_fds=(child_sock.fileno(), pass_r), cwd="/",
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE)
+            finally:
+                os.close(pass_r)
+            os.write(pass_w, passphrase + b"\n")
+        except BaseException:
+            if self.proc is not None:
+                with trio.CancelScope(shield=True):
+                    self.proc.kill()
+                    await self.proc.wait()
+                    assert self.proc.stderr is not None
+                    await trio.aclose_forcefully(self.proc.stderr)
+            raise
+        finally:
+            os.close(pass_w)
 
     def problem(self, mounts: dict[str, mountinfo.Mount] | None = None) -> str | None:
         """Why mountinfo does not show our mount of our cipher dir at the mountpoint."""
