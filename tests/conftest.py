@@ -17,6 +17,19 @@ from piccolofs import mountinfo
 from tests.mounts import PiccoloMount, fsck_piccolofs, init_piccolofs, write_passfile
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true",
+                     help="the long versions of the repeated and generated tests (more kill "
+                          "trials, more generated requests, every CPython module)")
+
+
+@pytest.fixture
+def soak(pytestconfig: pytest.Config) -> bool:
+    """True under --soak: a test that repeats or generates cases runs its long version.
+    The default run keeps one real instance of each, sized for a 2-core CI."""
+    return bool(pytestconfig.getoption("soak"))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not os.path.exists("/dev/fuse"):
         raise pytest.UsageError("/dev/fuse is missing: the suite needs real FUSE mounts")

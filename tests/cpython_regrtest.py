@@ -106,6 +106,14 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "test_tabnanny",
 )
 
+# The default test run's share: the modules that work files and directories themselves.
+# The rest (logging, venv, import machinery, command lines, compression codecs) mostly test
+# other things on top of the filesystem; they run under `pytest --soak` and by default here.
+FS_MODULES: tuple[str, ...] = tuple(m for m in DEFAULT_MODULES if m not in {
+    "test_logging", "test_venv", "test_importlib", "test_cmd_line_script", "test_runpy",
+    "test_site", "test_pkgutil", "test_zipapp", "test_tabnanny", "test_linecache",
+    "test_bz2", "test_lzma", "test_gzip"})
+
 MODULE_TIMEOUT = 240.0
 RANDSEED = 20240601
 # Tests that reach beyond the target. testNoArgFunctions calls posix.sync(), which flushes

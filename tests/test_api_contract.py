@@ -34,7 +34,8 @@ from tests.certs import key_and_cert
 from tests.daemon import PASSWORD, Daemon
 
 BASE_URL = "http://piccolo-ctld"  # the host is never resolved: every request goes to the socket
-EXAMPLES = 40  # generated requests per operation and mode (positive, negative)
+EXAMPLES = 12  # generated requests per operation and mode (positive, negative)
+SOAK_EXAMPLES = 40  # the same under --soak
 REQUEST_TIMEOUT = 60.0
 # A schema-valid request may still be refused for a documented reason of state: a wrong
 # secret (401, then 429), a volume or record that does not exist (404), a conflict (409),
@@ -132,7 +133,8 @@ def _schema(daemon: Daemon) -> Any:
     return schemathesis.openapi.from_dict(daemon.call("GET", "/openapi.json"), config=config)
 
 
-def _fuzz(daemon: Daemon, skip: set[str]) -> tuple[dict[str, str], collections.Counter[int]]:
+def _fuzz(daemon: Daemon, skip: set[str], examples: int
+          ) -> tuple[dict[str, str], collections.Counter[int]]:
     """Run every operation but those in `skip`; returns failures (by kind) and statuses."""
     schema = _schema(daemon)
     failures: dict[str, str] = {}
@@ -179,7 +181,7 @@ def _fuzz(daemon: Daemon, skip: set[str]) -> tuple[dict[str, str], collections.C
                 strategy = op.as_strategy(generation_mode=mode).filter(
                     lambda c: not _streams_forever(c))
 
-                @settings(max_examples=EXAMPLES, derandomize=True, database=None,
+                @settings(max_examples=examples, derandomize=True, database=None,
                           deadline=None, suppress_health_check=list(HealthCheck),
                           phases=[Phase.explicit, Phase.generate])
                 @given(case=strategy)
@@ -202,9 +204,9 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     assert set(threading.enumerate()) <= threads
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("locked", [True, False], ids=["locked", "unlocked"])
-def test_schemathesis_finds_nothing(daemon: Daemon, locked: bool) -> None:
+def test_schemathesis_finds_nothing(daemon: Daemon, locked: bool, soak: bool) -> None:
     daemon.call("POST", "/crypto/setup", {"password": PASSWORD})
     daemon.call("POST", "/crypto/recovery-key/generate", {"password": PASSWORD})
     if not locked:
@@ -216,7 +218,7 @@ def test_schemathesis_finds_nothing(daemon: Daemon, locked: bool) -> None:
     # (tests/test_devices.py drives it on loop devices).
     skip = {"POST /api/v1/exports", "POST /api/v1/devices/init"} | (
         set() if locked else {"POST /api/v1/crypto/lock"})
-    failures, statuses = _fuzz(daemon, skip)
+    failures, statuses = _fuzz(daemon, skip, SOAK_EXAMPLES if soak else EXAMPLES)
     assert not failures, f"{len(failures)} failure(s):\n\n" + "\n\n".join(
         f"== {k}\n{v}" for k, v in sorted(failures.items()))
     assert daemon.call("GET", "/crypto/status")["locked"] is locked
