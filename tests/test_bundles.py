@@ -24,6 +24,7 @@ import pytest
 
 from ctl.api.bundles import CHUNK, _Chunks
 from tests.daemon import PASSWORD, Daemon
+from tests.fds import open_files
 from tests.mounts import force_unmount, is_mounted
 from tests.treegen import build_tree, manifest
 
@@ -725,8 +726,7 @@ async def test_a_bundle_sent_or_not_closes_its_file(tmp_path: Path) -> None:
     bundle.write_bytes(data)
 
     def held() -> int:
-        return sum(1 for fd in os.listdir("/proc/self/fd")
-                   if _link(f"/proc/self/fd/{fd}") == str(bundle))
+        return open_files().count(str(bundle))
 
     unread = _Chunks(os.open(bundle, os.O_RDONLY))
     assert held() == 1
@@ -737,9 +737,3 @@ async def test_a_bundle_sent_or_not_closes_its_file(tmp_path: Path) -> None:
     await read.aclose()
     assert held() == 0
 
-
-def _link(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""

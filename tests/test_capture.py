@@ -27,6 +27,7 @@ from piccolofs import protocol
 from piccolofs.backing.syscalls import RENAME_EXCHANGE, renameat2
 from piccolofs.fs.capture import MAX_PATH, Capture, CaptureError
 from piccolofs.fs.inodes import Inode
+from tests.fds import kinds, open_files
 from tests.mounts import PASSWORD, PiccoloMount, init_piccolofs, is_mounted
 
 pytestmark = pytest.mark.timeout(120)
@@ -313,15 +314,6 @@ def test_closing_the_channel_during_a_hold_releases_writers(volume: PiccoloMount
 
 
 # -- the daemon's side -------------------------------------------------------------------------
-def _open_fds() -> list[str]:
-    """This process's open files by kind (pipe:, socket:, a path), numbers left out."""
-    kinds = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            kinds.append(os.readlink(f"/proc/self/fd/{fd}").split("[")[0])
-    return sorted(kinds)
-
-
 async def test_mount_children_leave_no_pipe_behind(tmp_path: Path, passfile: Path) -> None:
     """A child's stderr pipe is closed when it exits, whether it failed or served: a daemon
     that remounts all day must not wait for the garbage collector to let go of them."""
@@ -331,18 +323,18 @@ async def test_mount_children_leave_no_pipe_behind(tmp_path: Path, passfile: Pat
     mnt.mkdir()
     gc.disable()  # the children stay referenced; only an explicit close frees their pipes
     try:
-        before = _open_fds()
+        before = kinds(open_files())
         failed = MountChild("v1", cipher, mnt, read_only=False)
         with trio.fail_after(60), pytest.raises(MountFailed, match="exited before"):
             await failed.run(b"not the password")
-        assert _open_fds() == before
+        assert kinds(open_files()) == before
         served = MountChild("v1", cipher, mnt, read_only=False)
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(served.run, PASSWORD)
                 await served.unmount(lazy=False)
         assert served.returncode == 0 and not is_mounted(mnt)
-        assert _open_fds() == before
+        assert kinds(open_files()) == before
     finally:
         gc.enable()
 

@@ -23,6 +23,7 @@ import pytest
 from piccolofs.atomic import syncfs
 from tests.daemon import Daemon
 from tests.disks import Disk, Udevd
+from tests.fds import kinds, open_files
 
 pytestmark = [pytest.mark.devices, pytest.mark.timeout(600)]
 
@@ -309,20 +310,11 @@ def _resources(d: Daemon) -> tuple[list[str], list[str], list[str]]:
 def _reading(d: Daemon) -> tuple[list[str], list[str], list[str]]:
     assert d.proc is not None
     proc = psutil.Process(d.proc.pid)
-    fds = sorted(_fd_kind(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(
-        f"/proc/{proc.pid}/fd"))
+    fds = kinds(open_files(proc.pid))
     mounts = sorted(m[4] for m in mountinfo() if str(d.base) in m[4])
     children = [re.sub(r"fd \d+", "fd N", " ".join(c.cmdline()))
                 for c in proc.children(recursive=True)]
     return fds, mounts, sorted(children)
-
-
-def _fd_kind(link: str) -> str:
-    try:
-        target = os.readlink(link)
-    except OSError:
-        return "gone"
-    return target.split("[")[0]  # socket:[123] -> socket: (numbers change, kinds must not)
 
 
 def test_twenty_plug_cycles_leak_nothing(tmp_path: Path, udevd: Udevd, disk: Disk) -> None:

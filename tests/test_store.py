@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -19,6 +17,7 @@ from ctl.cli import ApiError, Client
 from ctl.store.checksum import Snapshot
 from ctl.store.db import ControlDB
 from tests.daemon import PASSWORD, Daemon, second_mount
+from tests.fds import open_files
 
 HASH = "argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHRzYWx0c2FsdA$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNo"
 
@@ -250,10 +249,7 @@ def test_a_database_that_cannot_open_is_closed_at_once(tmp_path: Path) -> None:
     try:
         with pytest.raises(sqlite3.DatabaseError, match="not a database"):
             ControlDB(path, read_only=False)
-        held = []
-        for fd in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):  # the listing's own fd is gone by now
-                held += [fd] if os.readlink(f"/proc/self/fd/{fd}").startswith(str(path)) else []
+        held = [f for f in open_files() if f.startswith(str(path))]
     finally:
         gc.enable()
     assert held == []
