@@ -736,4 +736,3 @@ async def test_a_bundle_sent_or_not_closes_its_file(tmp_path: Path) -> None:
     assert [len(c) async for c in read] == [CHUNK, 5]
     await read.aclose()
     assert held() == 0
-

@@ -9,8 +9,8 @@ holds piccolofs to two bars:
   with its cause. A new piccolofs-only failure, a module that times out or crashes, an
   "internal error" in the mount log, or an fsck complaint after the run fails the test.
 
-By default it runs the 29 modules that work files and directories themselves (FS_MODULES,
-about 4 minutes on a 2-core machine); `pytest --soak` runs all 42 (about 5.5 minutes).
+By default it runs the 29 modules that work files and directories themselves (FS_MODULES);
+`pytest --soak` runs all 42.
 Results and causes: docs/cpython-regrtest.md.
 """
 

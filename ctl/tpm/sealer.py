@@ -355,15 +355,14 @@ class _Tpm:
         self.close()
 
     def close(self) -> None:
-        try:
-            try:
-                while self._handles:
-                    self.flush(self._handles[-1])
-                self.esys.close()
-            finally:
-                self._tcti.close()
-        finally:
-            _LOCK.release()
+        # Each step runs however the one before it ended: the TCTI's fd and the lock are
+        # let go of even when flushing or finalizing fails.
+        with contextlib.ExitStack() as undo:
+            undo.callback(_LOCK.release)
+            undo.callback(self._tcti.close)
+            undo.callback(self.esys.close)
+            while self._handles:
+                self.flush(self._handles[-1])
 
     def track(self, handle: Any) -> Any:
         self._handles.append(handle)

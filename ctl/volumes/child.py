@@ -118,7 +118,7 @@ class MountChild:
         pass_r, pass_w = os.pipe()
         try:
             try:
-                self.proc = await trio.lowlevel.open_process(
+                proc = await trio.lowlevel.open_process(
                     [*cmd, "--passfd", str(pass_r), "--", str(self.cipher),
                      str(self.mountpoint)],
                     pass_fds=(child_sock.fileno(), pass_r), cwd="/",
@@ -126,17 +126,19 @@ class MountChild:
                     stderr=subprocess.PIPE)
             finally:
                 os.close(pass_r)
-            os.write(pass_w, passphrase + b"\n")
-        except BaseException:
-            if self.proc is not None:
+            try:
+                os.write(pass_w, passphrase + b"\n")
+            except BaseException:
                 with trio.CancelScope(shield=True):
-                    self.proc.kill()
-                    await self.proc.wait()
-                    assert self.proc.stderr is not None
-                    await trio.aclose_forcefully(self.proc.stderr)
-            raise
+                    proc.kill()
+                    self.returncode = await proc.wait()
+                    assert proc.stderr is not None
+                    await trio.aclose_forcefully(proc.stderr)
+                self.exited.set()
+                raise
         finally:
             os.close(pass_w)
+        self.proc = proc
 
     def problem(self, mounts: dict[str, mountinfo.Mount] | None = None) -> str | None:
         """Why mountinfo does not show our mount of our cipher dir at the mountpoint."""
