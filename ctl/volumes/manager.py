@@ -588,9 +588,9 @@ class VolumeManager:
             # Whatever went wrong (the child's own error, a timeout, cancellation), the
             # volume is not mounted and must not say so.
             vol.child = None
+            self._journal(vol, observed="error", cause=_message(exc))
             with trio.CancelScope(shield=True):
                 await self._unmounted(vol)
-                self._journal(vol, observed="error", cause=_message(exc))
             raise
         finally:
             passphrase[:] = bytes(len(passphrase))
@@ -652,9 +652,11 @@ class VolumeManager:
             vol.child = None
             log.error("volume %s: mount process %s exited unexpectedly (code %s)", vol.id,
                       child.pid, code)
-            await self._unmounted(vol)
+            # Journaled in the step that drops the child: once it is gone, only the
+            # journal speaks for the volume, and it must not say mounted meanwhile.
             self._journal(vol, observed="error",
                           cause=f"mount process exited unexpectedly (code {code})")
+            await self._unmounted(vol)
             if vol.record.desired_state == "mounted":
                 self._schedule_retry(vol)
 
@@ -665,6 +667,7 @@ class VolumeManager:
         child = vol.child
         log.error("volume %s: %s", vol.id, problem)
         vol.child = None
+        self._journal(vol, observed="error", cause=problem)  # as in _supervise: at once
         if child is not None and child.draining:
             # It may go on serving files opened before the loss, but never writing beside
             # the mount that replaces it: fence it read-only, or end it.
@@ -673,7 +676,6 @@ class VolumeManager:
             except Failed:
                 await child.kill()
         await self._unmounted(vol)
-        self._journal(vol, observed="error", cause=problem)
         if vol.record.desired_state == "mounted":
             self._schedule_retry(vol)
 
