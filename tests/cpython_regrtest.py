@@ -54,6 +54,7 @@ from tests.mounts import (
     init_gocryptfs,
     init_piccolofs,
     is_mounted,
+    mounts_under,
     write_passfile,
 )
 
@@ -404,12 +405,6 @@ def run_target(name: str, modules: Sequence[str], workdir: Path, passfile: Path,
     return tres
 
 
-def _fuse_mounts_under(path: Path) -> list[str]:
-    prefix = os.path.realpath(path) + "/"
-    with open("/proc/self/mountinfo") as f:
-        return [ln.split()[4] for ln in f if ln.split()[4].startswith(prefix)]
-
-
 def run_suite(modules: Sequence[str] = DEFAULT_MODULES, *, targets: Sequence[str] = TARGETS,
               workdir: Path | None = None, timeout: float = MODULE_TIMEOUT, jobs: int = 2,
               resources: str | None = None, keep: bool = False,
@@ -433,7 +428,7 @@ def run_suite(modules: Sequence[str] = DEFAULT_MODULES, *, targets: Sequence[str
                                     progress)
     finally:
         _PROCS.kill_all(close=True)
-        for m in _fuse_mounts_under(workdir):
+        for m in mounts_under(workdir):
             force_unmount(m)
         if own and not keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -7,6 +7,7 @@ kill the process, each step bounded, so a failing test never leaves a mount behi
 from __future__ import annotations
 
 import json
+import os
 import select
 import shutil
 import socket
@@ -45,6 +46,13 @@ def write_passfile(directory: Path) -> Path:
 
 def is_mounted(path: Path | str) -> bool:
     return mountinfo.is_mounted(path)
+
+
+def mounts_under(path: Path | str) -> list[str]:
+    """Every mountpoint at or below `path` (stacked mounts once each), from mountinfo."""
+    top = os.path.realpath(path)
+    return [m.mountpoint for m in mountinfo.entries()
+            if m.mountpoint == top or m.mountpoint.startswith(top + "/")]
 
 
 def force_unmount(path: Path | str) -> None:

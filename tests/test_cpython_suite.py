@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.cpython_regrtest import DEFAULT_MODULES, FS_MODULES, format_report, run_suite
+from tests.mounts import mounts_under
 
 _XATTR_SPACE = ("ENOSPC: the test sets 100 user.* xattrs; encrypted names and sealed values "
                 "overflow ext4's single 4 KiB xattr block (gocryptfs fails the same way)")
@@ -39,12 +40,6 @@ ALLOWED: dict[str, str] = {
 }
 
 
-def _fuse_mounts_under(path: Path) -> list[str]:
-    prefix = str(path.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        return [ln.split()[4] for ln in f if ln.split()[4].startswith(prefix)]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_cpython_regrtest_piccolofs_beats_gocryptfs(tmp_path: Path, soak: bool) -> None:
@@ -55,7 +50,7 @@ def test_cpython_regrtest_piccolofs_beats_gocryptfs(tmp_path: Path, soak: bool) 
         res = run_suite(DEFAULT_MODULES if soak else FS_MODULES, workdir=workdir,
                         progress=False)
     finally:
-        leftover = _fuse_mounts_under(workdir)
+        leftover = mounts_under(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
     report = format_report(res)
     (tmp_path / "report.txt").write_text(report)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.daemon import PASSWORD, release_mountpoints
-from tests.mounts import force_unmount, is_mounted
+from tests.mounts import force_unmount, is_mounted, mounts_under
 
 pytestmark = [pytest.mark.package, pytest.mark.timeout(1800)]
 
@@ -95,12 +95,6 @@ def our_processes(marker: str) -> list[psutil.Process]:
                                              or any(f"/usr/bin/{x}" in cmd for x in PROGRAMS)):
             found.append(p)
     return found
-
-
-def mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [m for m in points if m == str(path) or m.startswith(f"{path}/")]
 
 
 @pytest.fixture
